@@ -1,0 +1,42 @@
+"""flask-statemanager: typed, versioned application state for Flask."""
+
+from __future__ import annotations
+
+from .definitions import Lifecycle, StateTransition, StateType, TypeDefinition
+from .errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    InvalidTransitionError,
+    StateConflictError,
+    StateExistsError,
+    StateLimitError,
+    StateManagerError,
+    StateNotFoundError,
+    StateValidationError,
+)
+from .extension import StateManager
+from .query import Page
+from .records import Change, State
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Change",
+    "ConfigurationError",
+    "InvalidTransitionError",
+    "Lifecycle",
+    "Page",
+    "State",
+    "StateConflictError",
+    "StateExistsError",
+    "StateLimitError",
+    "StateManager",
+    "StateManagerError",
+    "StateNotFoundError",
+    "StateTransition",
+    "StateType",
+    "StateValidationError",
+    "TypeDefinition",
+    "__version__",
+]

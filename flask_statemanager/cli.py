@@ -1,0 +1,72 @@
+"""The ``flask states`` command group."""
+
+from __future__ import annotations
+
+import click
+from flask.cli import with_appcontext
+
+from . import codec
+from .errors import StateManagerError
+
+
+def _manager():  # type: ignore[no-untyped-def]
+    from .extension import StateManager
+
+    return StateManager()
+
+
+@click.group("states", help="Inspect and maintain flask-statemanager states.")
+def states() -> None:
+    pass
+
+
+@states.command("init-db")
+@with_appcontext
+def init_db() -> None:
+    """Create the states and history tables and every declared index (idempotent)."""
+    manager = _manager()
+    try:
+        manager.create_all()
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Tables and indexes ready ({manager.store.kind} store).")
+
+
+@states.command("show")
+@click.argument("state_id")
+@with_appcontext
+def show(state_id: str) -> None:
+    """Print one state as JSON."""
+    try:
+        state = _manager().get_state(state_id, include_expired=True)
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if state is None:
+        raise click.ClickException(f"No state {state_id!r}.")
+    click.echo(codec.dumps_str(state.to_json()))
+
+
+@states.command("history")
+@click.argument("state_id")
+@with_appcontext
+def history(state_id: str) -> None:
+    """Print a state's history, oldest first, one JSON change per line."""
+    try:
+        changes = _manager().get_state_history(state_id)
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for change in changes:
+        click.echo(codec.dumps_str(change.to_json()))
+
+
+@states.command("sweep")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1),
+              help="Most states to expire in this run.")
+@with_appcontext
+def sweep(limit: int) -> None:
+    """Record the EXPIRE change of states whose TTL passed (actor 'ttl')."""
+    try:
+        count = _manager().sweep_expired(limit=limit)
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Expired {count} state(s).")

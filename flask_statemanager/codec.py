@@ -1,0 +1,113 @@
+"""JSON: the one place documents are checked, encoded and decoded.
+
+Stores share :func:`dumps` / :func:`loads` (orjson). :func:`check_document`
+enforces the JSON data model strictly before anything is written: ``str``,
+``int`` (64-bit), finite ``float``, ``bool``, ``None``, ``list`` and ``dict``
+with string keys; orjson alone would quietly accept datetimes or turn NaN into
+``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from .errors import StateLimitError, StateValidationError
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+def dumps(value: Any) -> bytes:
+    """Encode a checked JSON document."""
+    return orjson.dumps(value)
+
+
+def dumps_str(value: Any, *, lenient: bool = False) -> str:
+    """Encode a checked JSON document as ``str``.
+
+    :param lenient: render values JSON lacks (datetimes, exceptions) with
+        ``str`` instead of failing; for logs, never for stored documents.
+    """
+    return orjson.dumps(value, default=str if lenient else None).decode()
+
+
+loads = orjson.loads
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
+    """Describe the first non-JSON value under *value*, or return ``None``.
+
+    :raises _TooDeep: nesting exceeds *max_depth*.
+    """
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
+        return None
+    if kind is int:
+        if _INT_MIN <= value <= _INT_MAX:
+            return None
+        return f"{path}: integer {value} does not fit in 64 bits; store it as a string"
+    if kind is float:
+        if math.isfinite(value):
+            return None
+        return f"{path}: {value} is not a JSON number; use null or a string"
+    if kind is dict or kind is list:
+        if depth >= max_depth:
+            raise _TooDeep(path)
+        items = value.items() if kind is dict else enumerate(value)
+        for key, item in items:
+            if kind is dict and type(key) is not str:
+                return f"{path}: key {key!r} is not a string; JSON object keys are strings"
+            found = _problem(item, f"{path}.{key}" if kind is dict else f"{path}[{key}]",
+                             depth + 1, max_depth)
+            if found:
+                return found
+        return None
+    return (
+        f"{path}: {kind.__name__} is not a JSON value; use str, int, float, bool, None, "
+        "list or dict"
+    )
+
+
+def check_document(value: Any, field: str, *, max_depth: int) -> None:
+    """Raise unless *value* is a JSON object within the nesting limit.
+
+    :raises StateValidationError: not a ``dict`` or holds a non-JSON value.
+    :raises StateLimitError: nested deeper than *max_depth*.
+    """
+    if type(value) is not dict:
+        raise StateValidationError(
+            f"{field!r} must be a JSON object (dict), got {type(value).__name__}.",
+            {field: ["Must be a JSON object."]},
+        )
+    try:
+        problem = _problem(value, field, 0, max_depth)
+    except _TooDeep as exc:
+        raise StateLimitError(
+            f"{exc}: nested deeper than {max_depth} levels; flatten the document or "
+            "raise STATEMANAGER_MAX_DEPTH.",
+            limit="depth",
+            value=max_depth + 1,
+            maximum=max_depth,
+        ) from None
+    if problem is None:
+        return
+    raise StateValidationError(f"Not JSON-serialisable: {problem}.", {field: [problem]})
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply a JSON merge patch (RFC 7386): ``None`` removes a key, objects merge."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

@@ -1,0 +1,115 @@
+"""Every ``STATEMANAGER_*`` configuration key, with its default and meaning.
+
+``init_app`` applies these defaults with ``app.config.setdefault`` and then
+checks the values, so a wrong setting fails at start-up with a message naming
+the key, not later in a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+#: ``(key, default, one-line description)`` for every setting.
+SETTINGS: tuple[tuple[str, Any, str], ...] = (
+    ("STATEMANAGER_STORE", None,
+     "Store kind: 'sql', 'memory' (or 'redis' later); None picks it from the database URI."),
+    ("STATEMANAGER_DATABASE_URI", None,
+     "Database URL; None uses the app's Flask-SQLAlchemy engine if present, else a SQLite "
+     "file in the instance folder."),
+    ("STATEMANAGER_ENGINE_OPTIONS", {},
+     "Extra keyword arguments for sqlalchemy.create_engine when the extension makes its own."),
+    ("STATEMANAGER_TABLE_PREFIX", "statemanager_",
+     "Prefix of the states and history table names."),
+    ("STATEMANAGER_SQLITE_SYNCHRONOUS", "FULL",
+     "SQLite PRAGMA synchronous for the extension's own engine: FULL survives power loss, "
+     "NORMAL only process crashes."),
+    ("STATEMANAGER_MAX_STATE_BYTES", 1024 * 1024,
+     "Largest encoded size of a state's data plus metadata, in bytes."),
+    ("STATEMANAGER_MAX_DEPTH", 32, "Deepest nesting of objects and lists in data or metadata."),
+    ("STATEMANAGER_MAX_PER_PAGE", 500, "Largest page size accepted by searches."),
+    ("STATEMANAGER_EXPIRE_ON_READ", True,
+     "Record the EXPIRE change of a state whose TTL passed when a read finds it."),
+    ("STATEMANAGER_CALLBACK_MODE", "sync",
+     "'sync' runs callbacks after the commit in the caller's thread; 'thread' in a pool."),
+    ("STATEMANAGER_CALLBACK_RETRIES", 2, "Extra attempts for a callback that raised."),
+    ("STATEMANAGER_CALLBACK_WORKERS", 4, "Thread pool size when CALLBACK_MODE is 'thread'."),
+    ("STATEMANAGER_WRITE_RETRIES", 50,
+     "Attempts of a last-write-wins write that keeps losing compare-and-set races."),
+)
+
+DEFAULTS: dict[str, Any] = {key: default for key, default, _ in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The checked settings one app runs with."""
+
+    store: str | None
+    database_uri: str | None
+    engine_options: Mapping[str, Any]
+    table_prefix: str
+    sqlite_synchronous: str
+    max_state_bytes: int
+    max_depth: int
+    max_per_page: int
+    expire_on_read: bool
+    callback_mode: str
+    callback_retries: int
+    callback_workers: int
+    write_retries: int
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
+        """Read and check the ``STATEMANAGER_*`` keys of *config* (defaults filled in)."""
+        values = {key: config.get(key, default) for key, default in DEFAULTS.items()}
+
+        def positive_int(key: str) -> int:
+            value = values[key]
+            if type(value) is not int or value < 1:
+                raise ConfigurationError(f"{key} must be a positive integer, got {value!r}.")
+            return value
+
+        mode = values["STATEMANAGER_CALLBACK_MODE"]
+        if mode not in ("sync", "thread"):
+            raise ConfigurationError(
+                f"STATEMANAGER_CALLBACK_MODE must be 'sync' or 'thread', got {mode!r}."
+            )
+        store = values["STATEMANAGER_STORE"]
+        if store not in (None, "sql", "memory"):
+            raise ConfigurationError(
+                f"STATEMANAGER_STORE must be 'sql' or 'memory', got {store!r}."
+            )
+        sync = str(values["STATEMANAGER_SQLITE_SYNCHRONOUS"]).upper()
+        if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(
+                "STATEMANAGER_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA."
+            )
+        retries = values["STATEMANAGER_CALLBACK_RETRIES"]
+        if type(retries) is not int or retries < 0:
+            raise ConfigurationError(
+                f"STATEMANAGER_CALLBACK_RETRIES must be an integer >= 0, got {retries!r}."
+            )
+        prefix = values["STATEMANAGER_TABLE_PREFIX"]
+        if not isinstance(prefix, str) or not prefix.replace("_", "").isalnum():
+            raise ConfigurationError(
+                "STATEMANAGER_TABLE_PREFIX must be letters, digits and underscores."
+            )
+        return cls(
+            store=store,
+            database_uri=values["STATEMANAGER_DATABASE_URI"],
+            engine_options=dict(values["STATEMANAGER_ENGINE_OPTIONS"] or {}),
+            table_prefix=prefix,
+            sqlite_synchronous=sync,
+            max_state_bytes=positive_int("STATEMANAGER_MAX_STATE_BYTES"),
+            max_depth=positive_int("STATEMANAGER_MAX_DEPTH"),
+            max_per_page=positive_int("STATEMANAGER_MAX_PER_PAGE"),
+            expire_on_read=bool(values["STATEMANAGER_EXPIRE_ON_READ"]),
+            callback_mode=mode,
+            callback_retries=retries,
+            callback_workers=positive_int("STATEMANAGER_CALLBACK_WORKERS"),
+            write_retries=positive_int("STATEMANAGER_WRITE_RETRIES"),
+        )

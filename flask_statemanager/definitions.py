@@ -1,0 +1,234 @@
+"""State types, transitions and lifecycles: the definitions shared by every app.
+
+A *type* names a family of states (``"user"``, ``"cart"``) with its lifecycle,
+default TTL, schema and declared search indexes. A *lifecycle* maps each
+transition to the statuses it may start from and the status it leads to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeAlias
+
+from .errors import ConfigurationError, InvalidTransitionError, StateValidationError
+
+
+class StateType(str, Enum):
+    """The built-in state types; their values are the lower-case names."""
+
+    USER = "user"
+    TRANSACTION = "transaction"
+    SUBSCRIPTION = "subscription"
+    FEATURE = "feature"
+    SESSION = "session"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StateTransition(str, Enum):
+    """The built-in transitions; their values are the lower-case names."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    ACTIVATE = "activate"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    EXPIRE = "expire"
+    DELETE = "delete"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TypeLike: TypeAlias = "StateType | str"
+TransitionLike: TypeAlias = "StateTransition | str"
+
+#: Status of a deleted state: kept with its history, never returned by reads.
+DELETED = "deleted"
+#: Status a state gets when its TTL passes.
+EXPIRED = "expired"
+
+# Past tense used in callback event names ("user_suspended") and signal names.
+_PAST_TENSE = {
+    "create": "created",
+    "update": "updated",
+    "activate": "activated",
+    "suspend": "suspended",
+    "resume": "resumed",
+    "expire": "expired",
+    "delete": "deleted",
+}
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_FIELD_RE = re.compile(r"^(data|metadata)(\.[A-Za-z0-9_]{1,64}){1,8}$")
+
+
+def event_name(transition: str) -> str:
+    """The past-tense event word of a transition (``suspend`` → ``suspended``).
+
+    Custom transitions keep their own name.
+    """
+    return _PAST_TENSE.get(transition, transition)
+
+
+def normalize_type(value: TypeLike) -> str:
+    """Return the type name of an enum member or string."""
+    name = value.value if isinstance(value, StateType) else value
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise StateValidationError(
+            f"State type must be a lower-case name like 'user' or a StateType member, "
+            f"got {value!r}.",
+            {"type": ["Invalid type name."]},
+        )
+    return name
+
+
+def normalize_transition(value: TransitionLike, known: Iterable[str] | None) -> str:
+    """Return the transition name of an enum member or string.
+
+    :param known: when given, names outside it raise :class:`InvalidTransitionError`.
+    """
+    name = value.value if isinstance(value, StateTransition) else value
+    if not isinstance(name, str) or not _NAME_RE.match(name.lower()):
+        raise InvalidTransitionError(
+            f"A transition must be a StateTransition member or a name like 'suspend', "
+            f"got {value!r}.",
+            transition=str(value),
+        )
+    name = name.lower()
+    if known is not None and name not in set(known):
+        raise InvalidTransitionError(
+            f"Unknown transition {name!r}; use one of: {', '.join(sorted(known))}.",
+            transition=name,
+            allowed=sorted(known),
+        )
+    return name
+
+
+def check_field_path(path: str) -> None:
+    """Raise unless *path* is a plain dotted path into ``data`` or ``metadata``."""
+    if not isinstance(path, str) or not _FIELD_RE.match(path):
+        raise ConfigurationError(
+            f"Indexed field {path!r} must be a dotted path like 'data.status' "
+            "(letters, digits and underscores, at most 8 levels)."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One row of a lifecycle table.
+
+    :param sources: statuses the transition may start from; ``None`` means any
+        status, an empty set means "no state yet" (creation).
+    :param target: the status after the transition; ``None`` keeps the status.
+    """
+
+    sources: frozenset[str] | None
+    target: str | None
+
+    def allows(self, status: str | None) -> bool:
+        if status is None:
+            return self.sources is not None and not self.sources
+        return self.sources is None or status in self.sources
+
+
+#: ``{transition: (from statuses, to status)}``; ``None`` as *from* means
+#: creation, ``"*"`` any status; ``None`` as *to* keeps the status.
+LifecycleTable: TypeAlias = Mapping[str, tuple[Any, str | None]]
+
+DEFAULT_LIFECYCLE_TABLE: LifecycleTable = {
+    "create": (None, "pending"),
+    "update": (("pending", "active", "suspended"), None),
+    "activate": (("pending", "suspended"), "active"),
+    "suspend": (("active",), "suspended"),
+    "resume": (("suspended",), "active"),
+    "expire": (("pending", "active", "suspended"), EXPIRED),
+    "delete": ("*", DELETED),
+}
+
+
+class Lifecycle:
+    """Validated transitions of one type: which statuses each transition leaves and reaches."""
+
+    __slots__ = ("rules",)
+
+    def __init__(self, table: LifecycleTable) -> None:
+        rules: dict[str, Rule] = {}
+        for raw_name, (sources, target) in table.items():
+            name = normalize_transition(raw_name, known=None)
+            if sources is None:
+                src: frozenset[str] | None = frozenset()
+            elif sources == "*":
+                src = None
+            elif isinstance(sources, str):
+                src = frozenset([sources])
+            else:
+                src = frozenset(sources)
+            rules[name] = Rule(src, target)
+        if "create" not in rules or rules["create"].sources != frozenset():
+            raise ConfigurationError(
+                "A lifecycle needs a 'create' transition from None, e.g. "
+                "{'create': (None, 'new'), ...}."
+            )
+        # Deleting is always possible; a table may still restrict it.
+        rules.setdefault("delete", Rule(None, DELETED))
+        self.rules = rules
+
+    def rule(self, transition: str, status: str | None, type_name: str) -> Rule:
+        """Return the rule for *transition* from *status*, or raise :class:`InvalidTransitionError`."""
+        rule = self.rules.get(transition)
+        if rule is None:
+            raise InvalidTransitionError(
+                f"Unknown transition {transition!r} for type {type_name!r}; "
+                f"use one of: {', '.join(sorted(self.rules))}.",
+                transition=transition,
+                status=status,
+                allowed=sorted(self.rules),
+            )
+        if not rule.allows(status):
+            allowed = self.allowed_from(status)
+            where = "a new state" if status is None else f"status {status!r}"
+            raise InvalidTransitionError(
+                f"Transition {transition!r} is not allowed from {where} of type {type_name!r}; "
+                f"allowed: {', '.join(allowed) or 'none'}.",
+                transition=transition,
+                status=status,
+                allowed=allowed,
+            )
+        return rule
+
+    def allowed_from(self, status: str | None) -> list[str]:
+        """The transitions allowed from *status*, sorted."""
+        return sorted(name for name, rule in self.rules.items() if rule.allows(status))
+
+    @property
+    def statuses(self) -> list[str]:
+        """Every status this lifecycle can reach, sorted."""
+        found = {r.target for r in self.rules.values() if r.target}
+        for r in self.rules.values():
+            found.update(r.sources or ())
+        return sorted(found)
+
+
+DEFAULT_LIFECYCLE = Lifecycle(DEFAULT_LIFECYCLE_TABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class TypeDefinition:
+    """Everything the manager knows about one state type."""
+
+    name: str
+    lifecycle: Lifecycle = DEFAULT_LIFECYCLE
+    default_ttl: float | None = None
+    indexes: tuple[str, ...] = ()
+    schema: Any = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def builtin_types() -> dict[str, TypeDefinition]:
+    """Fresh definitions of the built-in types."""
+    return {member.value: TypeDefinition(member.value) for member in StateType}

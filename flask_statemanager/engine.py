@@ -1,0 +1,349 @@
+"""The one write pipeline.
+
+Every mutation — register, update, patch, transition, delete, rollback,
+atomic update, TTL expiry — goes through :func:`write`:
+
+1. **resolve**: read the stored row and decide whether it is live;
+2. **validate**: build the candidate record, check the lifecycle rule, the JSON
+   documents and limits, then run validators and transition guards;
+3. **compare-and-set**: hand the store one :class:`~.stores.base.Write` per
+   state (state row + history entry), committed together or not at all;
+4. **after commit**: count it, log it, send signals and run callbacks.
+
+A lost compare-and-set is retried from step 1 when the caller gave no
+``expected_version`` (last write wins, but every write gets its own version
+and history entry); with one, it is a :class:`StateConflictError`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .definitions import DELETED, EXPIRED, TypeDefinition, builtin_types
+from .errors import (
+    StateConflictError,
+    StateExistsError,
+    StateLimitError,
+    StateNotFoundError,
+    StateValidationError,
+)
+from .events import Callbacks, Committed, dispatch
+from .records import Change, State, utcnow
+from .stores.base import VersionMismatch, Write
+from .validation import Validator
+
+if TYPE_CHECKING:
+    from .extension import Runtime
+
+_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,255}")
+_PAYLOAD_KEYS = frozenset({"name", "type", "data", "metadata"})
+TTL_ACTOR = "ttl"
+
+
+@dataclass
+class Registry:
+    """The global definitions: types, validators and callbacks (shared by every app)."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    types: dict[str, TypeDefinition] = field(default_factory=builtin_types)
+    validators: dict[str, list[Validator]] = field(default_factory=dict)
+    callbacks: Callbacks = field(default_factory=Callbacks)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.types.clear()
+            self.types.update(builtin_types())
+            self.validators.clear()
+            self.callbacks.clear()
+
+    def type(self, name: str) -> TypeDefinition:
+        definition = self.types.get(name)
+        if definition is None:
+            raise StateValidationError(
+                f"Unknown state type {name!r}; use one of {', '.join(sorted(self.types))} "
+                f"or register it with register_type({name!r}).",
+                {"type": [f"Unknown type {name!r}."]},
+            )
+        return definition
+
+
+@dataclass(slots=True)
+class Proposal:
+    """What an operation wants to change; ``None`` keeps the current value."""
+
+    transition: str
+    data: dict[str, Any] | None = None
+    name: str | None = None
+    metadata: dict[str, Any] | None = None
+    ttl: float | None = None
+    note: dict[str, Any] | None = None
+
+
+#: Turns the current live record (``None`` for a new state) into a proposal.
+Builder = Callable[[State | None], Proposal]
+
+
+def check_state_id(state_id: Any) -> str:
+    """Return *state_id* if valid, else raise :class:`StateValidationError`."""
+    if isinstance(state_id, str) and _ID_RE.fullmatch(state_id):
+        return state_id
+    raise StateValidationError(
+        f"Invalid state_id {state_id!r}: use 1-255 characters from letters, digits "
+        "and _ . : @ -",
+        {"state_id": ["1-255 characters of [A-Za-z0-9_.:@-]."]},
+    )
+
+
+def check_ttl(ttl: Any) -> float | None:
+    """Return *ttl* seconds if valid (``None`` allowed), else raise."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < 10**9:
+        raise StateValidationError(
+            f"ttl must be a positive number of seconds, got {ttl!r}.",
+            {"ttl": ["A positive number of seconds."]},
+        )
+    return float(ttl)
+
+
+def parse_payload(payload: Any, argument: str, type_name: str | None) -> Proposal:
+    """Check seed-002 structure ``{"name", "type", "data", "metadata"}`` into a proposal."""
+    if not isinstance(payload, dict):
+        raise StateValidationError(
+            f"{argument} must be a dict like {{'name': ..., 'data': {{...}}, "
+            f"'metadata': {{...}}}}, got {type(payload).__name__}.",
+            {argument: ["Must be a dict."]},
+        )
+    unknown = set(payload) - _PAYLOAD_KEYS
+    if unknown:
+        raise StateValidationError(
+            f"{argument} has unknown keys {sorted(unknown)}; it takes name, type, data and "
+            "metadata — put your fields under 'data'.",
+            {argument: [f"Unknown keys: {', '.join(sorted(unknown))}."]},
+        )
+    given_type = payload.get("type")
+    if given_type is not None and type_name is not None:
+        given = getattr(given_type, "value", given_type)
+        if given != type_name:
+            raise StateValidationError(
+                f"{argument}['type'] is {given!r} but the state type is {type_name!r}; "
+                "remove it or make them match.",
+                {"type": [f"Does not match {type_name!r}."]},
+            )
+    name = payload.get("name")
+    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 255):
+        raise StateValidationError(
+            "name must be a string of 1-255 characters.", {"name": ["1-255 characters."]}
+        )
+    return Proposal("update", data=payload.get("data"), name=name,
+                    metadata=payload.get("metadata"))
+
+
+def write(
+    registry: Registry,
+    runtime: Runtime,
+    state_id: str,
+    build: Builder,
+    *,
+    create_type: str | None = None,
+    expected_version: int | None = None,
+    actor: str | None = None,
+    attempts: int | None = None,
+) -> State:
+    """Run one mutation through the pipeline and return the committed record.
+
+    :param create_type: set for ``register_state``: the id must not be live.
+    :param expected_version: compare-and-set against this version; a mismatch
+        raises :class:`StateConflictError` and nothing is written.
+    :param attempts: how often a lost compare-and-set is retried from a fresh
+        read (last write wins); defaults to ``STATEMANAGER_WRITE_RETRIES``.
+    """
+    if expected_version is not None and (type(expected_version) is not int
+                                         or expected_version < 1):
+        raise StateValidationError(
+            f"expected_version must be a positive integer, got {expected_version!r}.",
+            {"expected_version": ["A positive integer (the state's version or etag)."]},
+        )
+    if actor is not None and (not isinstance(actor, str) or len(actor) > 255):
+        raise StateValidationError(
+            "actor must be a string of at most 255 characters.", {"actor": ["Too long."]}
+        )
+    store = runtime.store
+    attempts = attempts or runtime.settings.write_retries
+    for attempt in range(attempts):
+        now = utcnow()
+        row = store.get(state_id)
+        live = row if row is not None and is_live(row, now) else None
+        if create_type is not None and live is not None:
+            raise StateExistsError(state_id)
+        if create_type is None and live is None:
+            raise StateNotFoundError(state_id)
+        if expected_version is not None and (live["version"] if live else 0) != expected_version:
+            raise StateConflictError(state_id, expected_version, live["version"] if live else None)
+
+        committed: list[tuple[Write, State | None]] = []
+        base = row
+        if row is not None and live is None and needs_expiry(row, now):
+            # A new life over a state whose TTL passed unrecorded: record the expiry first.
+            committed.append((expiry_write(row, now), row))
+            base = committed[-1][0].state
+        proposal = build(live)
+        new_state, change = _prepare(registry, runtime, state_id, create_type, live, base,
+                                     proposal, actor, now)
+        committed.append((Write(new_state, base["version"] if base else 0, change), live))
+        try:
+            store.commit([w for w, _ in committed])
+        except VersionMismatch as lost:
+            if expected_version is not None:
+                raise StateConflictError(state_id, expected_version, lost.actual_version) from None
+            if attempt + 1 < attempts:
+                # Back off with jitter so racing writers stop colliding.
+                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+            continue
+        after_commit(registry, runtime, committed)
+        return new_state
+    raise StateConflictError(state_id, None, None)
+
+
+def _prepare(
+    registry: Registry,
+    runtime: Runtime,
+    state_id: str,
+    create_type: str | None,
+    live: State | None,
+    base: State | None,
+    proposal: Proposal,
+    actor: str | None,
+    now: datetime,
+) -> tuple[State, Change]:
+    """Validate a proposal against the current state; return the new record and its change."""
+    settings = runtime.settings
+    type_name = create_type if create_type is not None else live["type"]  # type: ignore[index]
+    definition = registry.type(type_name)
+    status = live["status"] if live is not None else None
+    rule = definition.lifecycle.rule(proposal.transition, status, type_name)
+
+    data = proposal.data if proposal.data is not None else (live["data"] if live else {})
+    metadata = proposal.metadata if proposal.metadata is not None else (
+        live["metadata"] if live else {}
+    )
+    codec.check_document(data, "data", max_depth=settings.max_depth)
+    codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
+    if live is None:
+        metadata = {"version": "1.0", **metadata}
+    size = len(codec.dumps(data)) + len(codec.dumps(metadata))
+    if size > settings.max_state_bytes:
+        raise StateLimitError(
+            f"State {state_id!r} would be {size} bytes, over the {settings.max_state_bytes}-byte "
+            "limit (STATEMANAGER_MAX_STATE_BYTES); store large blobs elsewhere and keep a "
+            "reference in the state.",
+            limit="size", value=size, maximum=settings.max_state_bytes,
+        )
+
+    ttl = proposal.ttl if proposal.ttl is not None else (
+        definition.default_ttl if live is None else None
+    )
+    if ttl is not None:
+        expires_at: datetime | None = now + timedelta(seconds=ttl)
+    else:
+        expires_at = live["expires_at"] if live is not None else None
+    version = (base["version"] if base is not None else 0) + 1
+    new_status = rule.target or status
+    state = State(
+        state_id=state_id,
+        name=proposal.name or (live["name"] if live else state_id),
+        type=type_name,
+        status=new_status,
+        data=data,
+        metadata=metadata,
+        version=version,
+        etag=str(version),
+        created_at=live["created_at"] if live else now,
+        updated_at=now,
+        expires_at=expires_at,
+    )
+    data_changed = proposal.data is not None or proposal.metadata is not None or live is None
+    for validator in registry.validators.get(type_name, ()):
+        if validator.applies_to(proposal.transition, data_changed):
+            validator(state, proposal.transition)
+    change = Change(
+        change_id=uuid.uuid4().hex,
+        state_id=state_id,
+        version=version,
+        transition=proposal.transition,
+        old_data=live["data"] if live else None,
+        new_data=None if new_status == DELETED else data,
+        actor=actor,
+        metadata={"from_status": status, "to_status": new_status, **(proposal.note or {})},
+        created_at=now,
+    )
+    return state, change
+
+
+def is_live(row: State, now: datetime) -> bool:
+    """Not deleted and within its TTL."""
+    return row["status"] != DELETED and not row.is_expired(now)
+
+
+def needs_expiry(row: State, now: datetime) -> bool:
+    """TTL passed but the EXPIRE change is not recorded yet."""
+    return row.is_expired(now) and row["status"] not in (DELETED, EXPIRED)
+
+
+def expiry_write(row: State, now: datetime) -> Write:
+    """The EXPIRE change the TTL sweeper (or a lazy read) records for *row*.
+
+    TTL expiry is a fact, not a request: it applies from any live status,
+    whatever the type's lifecycle says.
+    """
+    version = row["version"] + 1
+    state = State(row, status=EXPIRED, version=version, etag=str(version), updated_at=now)
+    change = Change(
+        change_id=uuid.uuid4().hex,
+        state_id=row["state_id"],
+        version=version,
+        transition="expire",
+        old_data=row["data"],
+        new_data=row["data"],
+        actor=TTL_ACTOR,
+        metadata={"from_status": row["status"], "to_status": EXPIRED, "reason": "ttl"},
+        created_at=now,
+    )
+    return Write(state, row["version"], change)
+
+
+def expire(registry: Registry, runtime: Runtime, row: State, now: datetime) -> State | None:
+    """Record the TTL expiry of *row*; ``None`` if another worker got there first."""
+    write_ = expiry_write(row, now)
+    try:
+        runtime.store.commit([write_])
+    except VersionMismatch:
+        return None
+    after_commit(registry, runtime, [(write_, row)])
+    return write_.state
+
+
+def after_commit(
+    registry: Registry, runtime: Runtime, committed: Sequence[tuple[Write, State | None]]
+) -> None:
+    """Count, then signal and call back, each committed write in commit order.
+
+    :param committed: each write with the live record it replaced (``None`` on create).
+    """
+    for w, old in committed:
+        state, change = w.state, w.change
+        runtime.metrics.committed(state["type"], change["transition"])
+        dispatch(
+            runtime,
+            registry.callbacks,
+            Committed(state["state_id"], state["type"], change["transition"], old, state, change),
+        )

@@ -1,0 +1,489 @@
+"""The public operations of :class:`~flask_statemanager.StateManager`.
+
+Reads go straight to the store; every mutation builds a
+:class:`~.engine.Proposal` and hands it to :func:`.engine.write`, the one
+pipeline. Each operation is timed, counted and logged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .definitions import (
+    DELETED,
+    Lifecycle,
+    LifecycleTable,
+    StateTransition,
+    TransitionLike,
+    TypeDefinition,
+    TypeLike,
+    check_field_path,
+    normalize_transition,
+    normalize_type,
+)
+from .engine import (
+    Proposal,
+    Registry,
+    check_state_id,
+    check_ttl,
+    expire,
+    is_live,
+    needs_expiry,
+    parse_payload,
+    write,
+)
+from .errors import BackendUnavailableError, ConfigurationError, StateManagerError
+from .errors import StateValidationError as _Invalid
+from .events import Callback
+from .metrics import log_state_operation
+from .query import Page, Query, check_paging, parse_conditions, parse_order
+from .records import Change, State, isoformat, utcnow
+from .stores.base import Store
+from .validation import Validator, ValidatorLike
+
+if TYPE_CHECKING:
+    from .extension import Runtime
+
+
+class StateOperations:
+    """Mixin holding every state operation; the singleton provides the runtime."""
+
+    _registry: Registry
+
+    def _runtime(self) -> Runtime:  # pragma: no cover - provided by StateManager
+        raise ConfigurationError("StateOperations needs a runtime")
+
+    @contextmanager
+    def _operation(self, name: str, state_id: str | None = None) -> Iterator[Runtime]:
+        runtime = self._runtime()
+        start = time.perf_counter()
+        error: str | None = None
+        try:
+            yield runtime
+        except StateManagerError as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            duration_ms = (time.perf_counter() - start) * 1000
+            runtime.metrics.observe(name, duration_ms, error)
+            log_state_operation(name, state_id, duration_ms=duration_ms, error=error)
+
+    # -- definitions ----------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        """The store of the current app."""
+        return self._runtime().store
+
+    def register_type(
+        self,
+        name: TypeLike,
+        *,
+        default_ttl: float | None = None,
+        schema: ValidatorLike | None = None,
+        indexes: Sequence[str] = (),
+        lifecycle: LifecycleTable | Lifecycle | None = None,
+    ) -> TypeDefinition:
+        """Define (or redefine) a state type.
+
+        :param name: lower-case name such as ``"cart"``, or a :class:`StateType`.
+        :param default_ttl: seconds a new state of this type lives unless given a ``ttl``.
+        :param schema: a marshmallow schema (or validator callable) applied to ``data``.
+        :param indexes: dotted fields (``"data.status"``) to index for search; each
+            becomes a composite expression index ``(type, field, state_id)``.
+        :param lifecycle: ``{transition: (from statuses, to status)}`` replacing the
+            default table; ``None`` as *from* marks creation, ``"*"`` any status.
+        """
+        type_name = normalize_type(name)
+        for field in indexes:
+            check_field_path(field)
+        if isinstance(lifecycle, Mapping):
+            lifecycle = Lifecycle(lifecycle)
+        definition = TypeDefinition(
+            type_name,
+            default_ttl=check_ttl(default_ttl),
+            indexes=tuple(dict.fromkeys(indexes)),
+            schema=schema,
+            **({"lifecycle": lifecycle} if lifecycle is not None else {}),
+        )
+        with self._registry.lock:
+            self._registry.types[type_name] = definition
+            if schema is not None:
+                self._registry.validators.setdefault(type_name, []).append(Validator(schema))
+        return definition
+
+    def get_type(self, name: TypeLike) -> TypeDefinition:
+        """The definition of a registered type."""
+        return self._registry.type(normalize_type(name))
+
+    @property
+    def types(self) -> dict[str, TypeDefinition]:
+        """Every registered type by name."""
+        return dict(self._registry.types)
+
+    def register_validator(
+        self,
+        state_type: TypeLike,
+        validator: ValidatorLike,
+        *,
+        transitions: Sequence[TransitionLike] | None = None,
+    ) -> None:
+        """Check every state of *state_type* before it is written.
+
+        :param validator: a callable taking the candidate record and returning
+            ``False`` (or raising :class:`StateValidationError`) to reject it; a
+            callable taking a second argument is a transition guard and receives
+            the transition name; or a marshmallow ``Schema`` (class or instance)
+            applied to ``data``.
+        :param transitions: only run for these transitions.
+        """
+        type_name = normalize_type(state_type)
+        self._registry.type(type_name)
+        only = None if transitions is None else frozenset(
+            normalize_transition(t, known=None) for t in transitions
+        )
+        with self._registry.lock:
+            self._registry.validators.setdefault(type_name, []).append(Validator(validator, only))
+
+    def register_callback(self, event: str, fn: Callback) -> None:
+        """Call ``fn(state_id, old_state, new_state, transition_type)`` after matching commits.
+
+        :param event: ``"<type>_<past tense>"`` such as ``"user_suspended"``, or a
+            pattern: ``"user_*"``, ``"*_deleted"``, ``"*"``.
+        """
+        self._registry.callbacks.register(event, fn)
+
+    # -- reads ----------------------------------------------------------------
+
+    def get_state(self, state_id: str, *, include_expired: bool = False) -> State | None:
+        """The live state, or ``None`` if absent, deleted or expired.
+
+        A state whose TTL passed gets its EXPIRE change recorded here (actor
+        ``"ttl"``) unless ``STATEMANAGER_EXPIRE_ON_READ`` is off.
+
+        :param include_expired: also return a state whose TTL passed.
+        """
+        check_state_id(state_id)
+        with self._operation("get_state", state_id) as runtime:
+            row = runtime.store.get(state_id)
+            if row is None or row["status"] == DELETED:
+                return None
+            now = utcnow()
+            if is_live(row, now):
+                return row
+            if needs_expiry(row, now) and runtime.settings.expire_on_read:
+                row = expire(self._registry, runtime, row, now) or runtime.store.get(state_id)
+                if row is None or row["status"] == DELETED:
+                    return None
+            return row if include_expired else None
+
+    def bulk_get(self, state_ids: Sequence[str]) -> dict[str, State]:
+        """Live states by id, fetched in one round trip; absent ids are left out."""
+        if isinstance(state_ids, str):
+            raise _Invalid("bulk_get takes a list of ids, not one string.",
+                           {"state_ids": ["A list of ids."]})
+        ids = list(dict.fromkeys(check_state_id(i) for i in state_ids))
+        with self._operation("bulk_get") as runtime:
+            now = utcnow()
+            rows = runtime.store.get_many(ids)
+            return {i: row for i, row in rows.items() if is_live(row, now)}
+
+    def search_states(
+        self,
+        state_type: TypeLike | None = None,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        page: int = 1,
+        per_page: int = 50,
+        order_by: str = "-updated_at",
+    ) -> Page:
+        """Live states matching *filters*, one page at a time, filtered in the database.
+
+        :param filters: ``{"data.status": "active", "data.age__gte": 18}``: dotted
+            paths into ``data``/``metadata`` or the columns ``name``, ``status``,
+            ``type``, ``state_id``, ``version``, ``created_at``, ``updated_at``,
+            ``expires_at``, with an optional operator suffix ``__ne __gt __gte
+            __lt __lte __in __contains __exists``.
+        :param order_by: a column, ``-`` for descending; ties go by ``state_id``.
+        """
+        type_name = None if state_type is None else normalize_type(state_type)
+        if type_name is not None:
+            self._registry.type(type_name)
+        conditions = parse_conditions(filters)
+        order = parse_order(order_by)
+        with self._operation("search_states") as runtime:
+            check_paging(page, per_page, runtime.settings.max_per_page)
+            query = Query(type_name, conditions, order, (page - 1) * per_page, per_page, utcnow())
+            items, total = runtime.store.query(query)
+            return Page(items, total, page, per_page)
+
+    def get_states_by_type(self, state_type: TypeLike, *, page: int = 1,
+                           per_page: int = 50) -> Page:
+        """Live states of one type, most recently updated first."""
+        return self.search_states(state_type, page=page, per_page=per_page)
+
+    def get_state_history(self, state_id: str) -> list[Change]:
+        """Every change of a state, oldest first (kept after deletion)."""
+        check_state_id(state_id)
+        with self._operation("get_state_history", state_id) as runtime:
+            return runtime.store.history(state_id)
+
+    def get_recent_changes(self, state_id: str | None = None, limit: int = 10) -> list[Change]:
+        """The newest changes, of one state or of all states, newest first."""
+        if state_id is not None:
+            check_state_id(state_id)
+        if type(limit) is not int or not 1 <= limit <= 10_000:
+            raise _Invalid("limit must be an integer from 1 to 10000.",
+                           {"limit": ["1 to 10000."]})
+        with self._operation("get_recent_changes", state_id) as runtime:
+            return runtime.store.recent_changes(state_id, limit)
+
+    def get_changes_by_transition(
+        self, state_id: str, transition_type: TransitionLike
+    ) -> list[Change]:
+        """A state's changes of one transition, oldest first."""
+        check_state_id(state_id)
+        transition = normalize_transition(transition_type, known=None)
+        with self._operation("get_changes_by_transition", state_id) as runtime:
+            return runtime.store.history(state_id, transition)
+
+    # -- writes ---------------------------------------------------------------
+
+    def _write(self, name: str, state_id: Any, build: Callable[[State | None], Proposal],
+               **options: Any) -> State:
+        check_state_id(state_id)
+        with self._operation(name, state_id) as runtime:
+            return write(self._registry, runtime, state_id, build, **options)
+
+    def register_state(
+        self,
+        state_id: str,
+        state_type: TypeLike,
+        initial_data: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        actor: str | None = None,
+    ) -> State:
+        """Create a state (status ``pending`` in the default lifecycle) at version 1.
+
+        :param initial_data: ``{"name", "type", "data", "metadata"}``; ``type``, if
+            given, must match *state_type*.
+        :param ttl: seconds until it expires; defaults to the type's ``default_ttl``.
+        :raises StateExistsError: a live state has this id.
+        """
+        type_name = normalize_type(state_type)
+        self._registry.type(type_name)
+        proposal = parse_payload(initial_data, "initial_data", type_name)
+        proposal.transition = StateTransition.CREATE.value
+        proposal.ttl = check_ttl(ttl)
+        if proposal.data is None:
+            proposal.data = {}
+        return self._write("register_state", state_id, lambda _: proposal,
+                           create_type=type_name, actor=actor)
+
+    def update_state(
+        self,
+        state_id: str,
+        new_data: Mapping[str, Any],
+        transition: TransitionLike = StateTransition.UPDATE,
+        *,
+        expected_version: int | str | None = None,
+        ttl: float | None = None,
+        actor: str | None = None,
+    ) -> State:
+        """Replace a state's ``data`` (and ``name``/``metadata`` when given) with a transition.
+
+        :param new_data: ``{"name", "type", "data", "metadata"}``.
+        :param expected_version: the version (or etag) the state must be at.
+        :raises StateConflictError: it is not at *expected_version*; nothing written.
+        """
+        proposal = parse_payload(new_data, "new_data", None)
+        proposal.transition = normalize_transition(transition, known=None)
+        proposal.ttl = check_ttl(ttl)
+        given_type = new_data.get("type")
+
+        def build(current: State | None) -> Proposal:
+            assert current is not None
+            if given_type is not None and getattr(given_type, "value", given_type) != current[
+                "type"
+            ]:
+                raise _Invalid(
+                    f"new_data['type'] is {given_type!r} but state {state_id!r} is of type "
+                    f"{current['type']!r}; remove it or make them match.",
+                    {"type": [f"Does not match {current['type']!r}."]},
+                )
+            return proposal
+
+        return self._write("update_state", state_id, build,
+                           expected_version=_version(expected_version), actor=actor)
+
+    def patch_state(
+        self,
+        state_id: str,
+        changes: Mapping[str, Any],
+        *,
+        expected_version: int | str | None = None,
+        actor: str | None = None,
+    ) -> State:
+        """Apply a JSON merge patch (RFC 7386) to ``data``: ``None`` removes a key."""
+        if not isinstance(changes, dict):
+            raise _Invalid("changes must be a dict (a JSON merge patch of data).",
+                           {"changes": ["Must be a dict."]})
+
+        def build(current: State | None) -> Proposal:
+            assert current is not None
+            return Proposal("update", data=codec.merge_patch(current["data"], changes))
+
+        return self._write("patch_state", state_id, build,
+                           expected_version=_version(expected_version), actor=actor)
+
+    def transition(
+        self,
+        state_id: str,
+        transition: TransitionLike,
+        *,
+        data: Mapping[str, Any] | None = None,
+        expected_version: int | str | None = None,
+        actor: str | None = None,
+    ) -> State:
+        """Apply a lifecycle transition, optionally replacing ``data``.
+
+        :raises InvalidTransitionError: unknown, or not allowed from the current status.
+        """
+        name = normalize_transition(transition, known=None)
+        proposal = Proposal(name, data=None if data is None else dict(data))
+        return self._write("transition", state_id, lambda _: proposal,
+                           expected_version=_version(expected_version), actor=actor)
+
+    def delete_state(
+        self,
+        state_id: str,
+        *,
+        expected_version: int | str | None = None,
+        actor: str | None = None,
+    ) -> None:
+        """Delete a state: gone from reads, its history kept; the id can be registered again."""
+        self._write("delete_state", state_id, lambda _: Proposal("delete"),
+                    expected_version=_version(expected_version), actor=actor)
+
+    def atomic_update(
+        self,
+        state_id: str,
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        retries: int = 5,
+        actor: str | None = None,
+    ) -> State:
+        """Read, compute ``fn(data)``, compare-and-set; on a lost race retry from a fresh read.
+
+        *fn* gets a private copy of ``data`` and returns the new ``data``; it may
+        run more than once, so it should have no side effects.
+
+        :raises StateConflictError: still losing after *retries* retries.
+        """
+        if type(retries) is not int or retries < 0:
+            raise _Invalid("retries must be an integer >= 0.", {"retries": [">= 0."]})
+
+        def build(current: State | None) -> Proposal:
+            assert current is not None
+            result = fn(codec.loads(codec.dumps(current["data"])))
+            if not isinstance(result, dict):
+                raise _Invalid(
+                    f"atomic_update's function must return the new data dict, got "
+                    f"{type(result).__name__}.",
+                    {"data": ["Must be a dict."]},
+                )
+            return Proposal("update", data=result)
+
+        return self._write("atomic_update", state_id, build, attempts=retries + 1, actor=actor)
+
+    def rollback(self, state_id: str, to_version: int, *, actor: str | None = None) -> State:
+        """Restore the ``data`` a state had at *to_version*, as a new UPDATE change."""
+        check_state_id(state_id)
+        if type(to_version) is not int or to_version < 1:
+            raise _Invalid("to_version must be a positive integer.",
+                           {"to_version": ["A positive integer."]})
+
+        def build(current: State | None) -> Proposal:
+            assert current is not None
+            entries = self._runtime().store.history(state_id)
+            target = next((c for c in entries if c["version"] == to_version), None)
+            if target is None or target["new_data"] is None:
+                raise _Invalid(
+                    f"State {state_id!r} has no data at version {to_version}; roll back to "
+                    f"one of {[c['version'] for c in entries if c['new_data'] is not None]}.",
+                    {"to_version": ["No such version."]},
+                )
+            return Proposal("update", data=target["new_data"], note={"rollback_to": to_version})
+
+        return self._write("rollback", state_id, build, actor=actor)
+
+    def sweep_expired(self, *, limit: int = 1000) -> int:
+        """Record the EXPIRE change of up to *limit* states whose TTL passed.
+
+        Safe to run from several workers at once: each expiry is recorded once.
+        :returns: how many states this call expired.
+        """
+        with self._operation("sweep_expired") as runtime:
+            now = utcnow()
+            done = 0
+            for row in runtime.store.expired(now, limit):
+                if expire(self._registry, runtime, row, now) is not None:
+                    done += 1
+            return done
+
+    # -- operations and health ---------------------------------------------------
+
+    def get_health_status(self) -> dict[str, Any]:
+        """``{"status": "healthy"|"unhealthy", "state_count", "cache_hit_rate", "checks"}``."""
+        runtime = self._runtime()
+        start = time.perf_counter()
+        check: dict[str, Any] = {"time": isoformat(utcnow())}
+        try:
+            check.update(runtime.store.check())
+            count: int | None = runtime.store.count()
+            check["status"] = "up"
+        except BackendUnavailableError as exc:
+            count = None
+            check.update(status="down", error=str(exc))
+        check["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        return {
+            "status": "healthy" if check["status"] == "up" else "unhealthy",
+            "store": runtime.store.kind,
+            "state_count": count,
+            "cache_hit_rate": None,
+            "checks": {"database": check},
+        }
+
+    def get_metrics(self) -> dict[str, Any]:
+        """Counts per operation, transition and error, callback failures, latencies."""
+        return self._runtime().metrics.snapshot()
+
+    def log_state_operation(
+        self,
+        operation: str,
+        state_id: str | None,
+        transition_type: TransitionLike | None = None,
+        duration_ms: float | None = None,
+        **fields: Any,
+    ) -> None:
+        """Write a structured log line for an operation of your own."""
+        transition = None if transition_type is None else str(
+            getattr(transition_type, "value", transition_type)
+        )
+        log_state_operation(operation, state_id, transition, duration_ms, **fields)
+
+
+def _version(value: int | str | None) -> int | None:
+    """Accept a version or an etag (``"3"`` or ``'"3"'``)."""
+    if isinstance(value, str):
+        stripped = value.strip().removeprefix("W/").strip('"')
+        if not stripped.isdigit():
+            raise _Invalid(f"expected_version {value!r} is not a version or etag.",
+                           {"expected_version": ["A version number or etag."]})
+        return int(stripped)
+    return value

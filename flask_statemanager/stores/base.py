@@ -1,0 +1,112 @@
+"""The store contract: what every backend implements, and nothing more.
+
+The engine reads raw rows (deleted and expired ones included) and commits
+:class:`Write` batches; a store never decides lifecycle, validation or TTL
+policy. ``commit`` is a compare-and-set of each state *and* the append of its
+history entry, all or nothing: a store must never leave a state without its
+history entry or the reverse, and must refuse a write whose expected version
+is not the stored one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from ..definitions import TypeDefinition
+from ..query import Query
+from ..records import Change, State
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One state's compare-and-set and its history entry.
+
+    :param state: the full new record; its version is ``expected_version + 1``.
+    :param expected_version: the stored version this write replaces; ``0``
+        means the id must not exist yet.
+    :param change: the history entry, committed with the state.
+    """
+
+    state: State
+    expected_version: int
+    change: Change
+
+
+class VersionMismatch(Exception):
+    """A compare-and-set lost: the stored version is not the expected one.
+
+    Internal to the engine, which turns it into a retry or a
+    :class:`~flask_statemanager.errors.StateConflictError`.
+    """
+
+    def __init__(self, state_id: str, actual_version: int | None) -> None:
+        self.state_id = state_id
+        self.actual_version = actual_version
+        super().__init__(state_id, actual_version)
+
+
+class Store(ABC):
+    """Persistence for states and their history."""
+
+    #: Short name used in health checks and metrics (``"sql"``, ``"memory"``).
+    kind: ClassVar[str]
+    #: Lives with the app (SQLite file, memory): schema is created at ``init_app``.
+    embedded: bool = False
+
+    @abstractmethod
+    def setup(self, types: Iterable[TypeDefinition]) -> None:
+        """Create what the store needs (tables, declared indexes); idempotent."""
+
+    @abstractmethod
+    def get(self, state_id: str) -> State | None:
+        """The stored record, deleted and expired ones included, or ``None``."""
+
+    @abstractmethod
+    def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
+        """Stored records by id, in one round trip; missing ids are left out."""
+
+    @abstractmethod
+    def commit(self, writes: Sequence[Write]) -> None:
+        """Apply every write with its history entry atomically.
+
+        :raises VersionMismatch: a state is not at its expected version; nothing
+            was written.
+        """
+
+    @abstractmethod
+    def query(self, query: Query) -> tuple[list[State], int]:
+        """One page of live, unexpired states matching *query*, and the total count."""
+
+    @abstractmethod
+    def history(self, state_id: str, transition: str | None = None) -> list[Change]:
+        """A state's history entries, oldest first, optionally of one transition."""
+
+    @abstractmethod
+    def recent_changes(self, state_id: str | None, limit: int) -> list[Change]:
+        """The newest history entries, of one state or of all, newest first."""
+
+    @abstractmethod
+    def expired(self, now: datetime, limit: int) -> list[State]:
+        """Up to *limit* records whose TTL passed but whose expiry is not recorded yet."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """How many states are stored and not deleted."""
+
+    @abstractmethod
+    def check(self) -> dict[str, Any]:
+        """Probe the backend; return facts for the health report.
+
+        :raises BackendUnavailableError: the backend does not answer.
+        """
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Delete every state and history entry (tests and demos)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections the store owns."""
