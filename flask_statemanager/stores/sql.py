@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -311,7 +312,7 @@ class SQLStore(Store):
         with self._connect() as conn:
             self.metadata.create_all(conn, checkfirst=True)
             for field in sorted({f for t in types for f in t.indexes}):
-                self._declared_index(field).create(conn, checkfirst=True)
+                conn.execute(CreateIndex(self._declared_index(field), if_not_exists=True))
             conn.commit()
 
     def _declared_index(self, field: str) -> sa.Index:

@@ -1,0 +1,63 @@
+"""Shared fixtures: real servers, per-store apps, and a leak check.
+
+PostgreSQL comes from ``STATEMANAGER_TEST_POSTGRES_URL`` (``scripts/servers``
+starts one). When it cannot be reached the PostgreSQL tests are skipped — except
+under ``CI=true``, where that fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask, has_app_context
+
+from flask_statemanager import StateManager
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unreachable(what: str, reason: str) -> None:
+    message = f"{what} is not reachable ({reason}); start it with `bash scripts/servers start`."
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """URL of the real PostgreSQL test database."""
+    url = os.environ.get("STATEMANAGER_TEST_POSTGRES_URL")
+    if not url:
+        _unreachable("PostgreSQL", "STATEMANAGER_TEST_POSTGRES_URL is not set")
+        raise AssertionError  # unreachable: _unreachable skips or fails
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        _unreachable("PostgreSQL", str(exc.orig).splitlines()[0])
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Every test starts from a reset singleton and leaves no app context pushed."""
+    StateManager.reset_instance()
+    yield
+    leaked = has_app_context()
+    StateManager.reset_instance()
+    assert not leaked, "a test left an application context pushed"
+
+
+def make_app(tmp_path: Path, **config: Any) -> Flask:
+    """A fresh Flask app with its own instance folder and the given config."""
+    app = Flask(f"test_{tmp_path.name}", instance_path=str(tmp_path / "instance"))
+    app.config.update(TESTING=True, **config)
+    return app

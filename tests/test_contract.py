@@ -1,0 +1,788 @@
+"""The store contract: every operation, run on the memory, SQLite and PostgreSQL stores.
+
+One test class, subclassed per store; each test gets a fresh app and an empty
+store. Assertions are about what a user sees: values, versions, history rows,
+error types, and that nothing is written when an operation is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import marshmallow
+import pytest
+from flask import Flask
+
+from flask_statemanager import (
+    InvalidTransitionError,
+    StateConflictError,
+    StateExistsError,
+    StateLimitError,
+    StateManager,
+    StateNotFoundError,
+    StateTransition,
+    StateType,
+    StateValidationError,
+    signals,
+)
+
+from .conftest import make_app
+
+
+def user(**data: Any) -> dict[str, Any]:
+    return {"name": "user_account_state", "type": "user", "data": data}
+
+
+class StoreContract:
+    """Behaviour every store must have. Subclasses provide ``store_config``."""
+
+    @pytest.fixture
+    def store_config(self, tmp_path: Path) -> dict[str, Any]:
+        raise AssertionError("subclasses choose a store")
+
+    @pytest.fixture
+    def app(self, tmp_path: Path, store_config: dict[str, Any]) -> Iterator[Flask]:
+        app = make_app(tmp_path, **store_config)
+        manager = StateManager()
+        manager.register_type("user", indexes=["data.status", "data.age"])
+        manager.init_app(app)
+        with app.app_context():
+            manager.create_all()
+            manager.store.reset()
+        yield app
+
+    @pytest.fixture
+    def sm(self, app: Flask) -> Iterator[StateManager]:
+        with app.app_context():
+            yield StateManager()
+
+    # -- register / get --------------------------------------------------------
+
+    def test_register_and_get(self, sm: StateManager) -> None:
+        state = sm.register_state("user_12345", StateType.USER, user(user_id="12345",
+                                                                      status="active"))
+        assert state["state_id"] == "user_12345"
+        assert state["type"] == "user"
+        assert state["status"] == "pending"
+        assert state["version"] == 1 and state["etag"] == "1"
+        assert state["data"] == {"user_id": "12345", "status": "active"}
+        assert state["metadata"] == {"version": "1.0"}
+        assert state["name"] == "user_account_state"
+        assert state["created_at"].tzinfo is not None
+        assert state["created_at"] == state["updated_at"]
+        assert state["expires_at"] is None
+        fetched = sm.get_state("user_12345")
+        assert fetched == state
+        assert dict(fetched) == dict(state)
+        assert fetched.version == 1 and fetched.data["user_id"] == "12345"
+        assert fetched.to_json()["created_at"].endswith("Z")
+
+    def test_missing_state_reads_as_none(self, sm: StateManager) -> None:
+        assert sm.get_state("nobody") is None
+        assert sm.get_state_history("nobody") == []
+
+    def test_register_twice_is_refused(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(n=1))
+        with pytest.raises(StateExistsError):
+            sm.register_state("u1", "user", user(n=2))
+        assert sm.get_state("u1")["data"] == {"n": 1}
+        assert len(sm.get_state_history("u1")) == 1
+
+    def test_enum_and_string_forms_are_equivalent(self, sm: StateManager) -> None:
+        sm.register_state("a", "user", user())
+        sm.register_state("b", StateType.USER, user())
+        sm.transition("a", "activate")
+        sm.transition("b", StateTransition.ACTIVATE)
+        assert sm.get_state("a")["status"] == sm.get_state("b")["status"] == "active"
+        assert sm.get_changes_by_transition("a", StateTransition.ACTIVATE)[0]["version"] == 2
+        assert sm.get_changes_by_transition("b", "activate")[0]["version"] == 2
+
+    def test_records_are_copies(self, sm: StateManager) -> None:
+        state = sm.register_state("u1", "user", user(tags=["a"]))
+        state["data"]["tags"].append("mutated")
+        assert sm.get_state("u1")["data"] == {"tags": ["a"]}
+
+    # -- updates and lifecycle ----------------------------------------------------
+
+    def test_seed_lifecycle_create_activate_suspend_resume(self, sm: StateManager) -> None:
+        sm.register_state("test_user", StateType.USER, user(status="new"))
+        sm.update_state("test_user", user(status="active"), StateTransition.ACTIVATE)
+        sm.update_state("test_user", user(status="suspended", reason="payment_failed"),
+                        StateTransition.SUSPEND)
+        final = sm.update_state("test_user", user(status="active"), StateTransition.RESUME)
+        assert final["status"] == "active" and final["version"] == 4
+        history = sm.get_state_history("test_user")
+        assert [c["transition"] for c in history] == ["create", "activate", "suspend", "resume"]
+        assert [c["version"] for c in history] == [1, 2, 3, 4]
+        assert history[0]["old_data"] is None
+        assert history[0]["new_data"] == {"status": "new"}
+        assert history[2]["old_data"] == {"status": "active"}
+        assert history[2]["new_data"] == {"status": "suspended", "reason": "payment_failed"}
+        assert history[2]["metadata"]["from_status"] == "active"
+        assert history[2]["metadata"]["to_status"] == "suspended"
+
+    def test_update_replaces_data_and_keeps_status(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", {"data": {"a": 1, "b": 2}, "metadata": {"x": 1}})
+        state = sm.update_state("u1", {"data": {"a": 3}}, actor="alice")
+        assert state["data"] == {"a": 3}
+        assert state["metadata"] == {"version": "1.0", "x": 1}
+        assert state["status"] == "pending" and state["version"] == 2
+        assert state["updated_at"] >= state["created_at"]
+        change = sm.get_recent_changes("u1", limit=1)[0]
+        assert change["actor"] == "alice" and change["transition"] == "update"
+        renamed = sm.update_state("u1", {"name": "renamed", "metadata": {"version": "2.0"}})
+        assert renamed["name"] == "renamed" and renamed["data"] == {"a": 3}
+        assert renamed["metadata"] == {"version": "2.0"}
+
+    def test_invalid_transition_writes_nothing(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user())
+        with pytest.raises(InvalidTransitionError) as info:
+            sm.transition("u1", "resume")
+        assert info.value.status == "pending" and info.value.transition == "resume"
+        assert "activate" in info.value.allowed
+        with pytest.raises(InvalidTransitionError):
+            sm.update_state("u1", user(x=1), "suspend")
+        with pytest.raises(InvalidTransitionError):
+            sm.transition("u1", "teleport")
+        state = sm.get_state("u1")
+        assert state["version"] == 1 and state["data"] == {}
+        assert len(sm.get_state_history("u1")) == 1
+
+    def test_transition_with_data(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(a=1))
+        state = sm.transition("u1", "activate", data={"a": 2})
+        assert state["status"] == "active" and state["data"] == {"a": 2}
+        state = sm.transition("u1", "suspend")
+        assert state["status"] == "suspended" and state["data"] == {"a": 2}
+        state = sm.transition("u1", "expire")
+        assert state["status"] == "expired"
+        with pytest.raises(InvalidTransitionError):
+            sm.transition("u1", "update")
+
+    def test_custom_lifecycle(self, sm: StateManager) -> None:
+        sm.register_type(
+            "order",
+            lifecycle={
+                "create": (None, "new"),
+                "pay": ("new", "paid"),
+                "ship": (["paid"], "shipped"),
+                "update": ("*", None),
+            },
+        )
+        state = sm.register_state("o1", "order", {"data": {"items": 2}})
+        assert state["status"] == "new"
+        with pytest.raises(InvalidTransitionError):
+            sm.transition("o1", "ship")
+        with pytest.raises(InvalidTransitionError):
+            sm.transition("o1", "activate")  # not in this type's table
+        assert sm.transition("o1", "pay")["status"] == "paid"
+        assert sm.transition("o1", "ship")["status"] == "shipped"
+        assert sm.update_state("o1", {"data": {"items": 3}})["status"] == "shipped"
+        sm.delete_state("o1")
+        assert sm.get_state("o1") is None
+
+    def test_update_type_mismatch_is_refused(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user())
+        with pytest.raises(StateValidationError) as info:
+            sm.update_state("u1", {"type": "transaction", "data": {}})
+        assert "type" in info.value.messages
+        with pytest.raises(StateValidationError):
+            sm.register_state("u2", "user", {"type": "feature", "data": {}})
+        assert sm.get_state("u2") is None
+        assert sm.get_state("u1")["version"] == 1
+
+    def test_update_missing_state(self, sm: StateManager) -> None:
+        with pytest.raises(StateNotFoundError):
+            sm.update_state("ghost", user())
+        with pytest.raises(StateNotFoundError):
+            sm.transition("ghost", "activate")
+        with pytest.raises(StateNotFoundError):
+            sm.delete_state("ghost")
+
+    # -- optimistic concurrency ---------------------------------------------------
+
+    def test_expected_version(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(n=0))
+        sm.update_state("u1", user(n=1), expected_version=1)
+        with pytest.raises(StateConflictError) as info:
+            sm.update_state("u1", user(n=99), expected_version=1)
+        assert info.value.expected_version == 1 and info.value.actual_version == 2
+        with pytest.raises(StateConflictError):
+            sm.patch_state("u1", {"n": 99}, expected_version=5)
+        with pytest.raises(StateConflictError):
+            sm.delete_state("u1", expected_version=1)
+        state = sm.get_state("u1")
+        assert state["data"] == {"n": 1} and state["version"] == 2
+        assert len(sm.get_state_history("u1")) == 2
+        # An etag works like a version, quoted or not.
+        assert sm.update_state("u1", user(n=2), expected_version='"2"')["version"] == 3
+        assert sm.transition("u1", "activate", expected_version="3")["version"] == 4
+
+    def test_atomic_update(self, sm: StateManager) -> None:
+        sm.register_state("counter", "user", user(count=0))
+        for _ in range(5):
+            sm.atomic_update("counter", lambda d: {**d, "count": d["count"] + 1})
+        state = sm.get_state("counter")
+        assert state["data"]["count"] == 5 and state["version"] == 6
+
+        def mutate_in_place(data: dict[str, Any]) -> dict[str, Any]:
+            data["count"] += 10
+            return data
+
+        assert sm.atomic_update("counter", mutate_in_place)["data"]["count"] == 15
+        with pytest.raises(StateValidationError):
+            sm.atomic_update("counter", lambda d: None)  # type: ignore[arg-type,return-value]
+        assert sm.get_state("counter")["version"] == 7
+
+    def test_concurrent_threads_never_lose_a_change(self, sm: StateManager, app: Flask) -> None:
+        import threading
+
+        sm.register_state("c", "user", user(count=0))
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                with app.app_context():
+                    for _ in range(20):
+                        sm.atomic_update("c", lambda d: {"count": d["count"] + 1}, retries=100)
+                        sm.update_state("c", {"metadata": {"touched": True}})
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        state = sm.get_state("c")
+        assert state["data"]["count"] == 80
+        history = sm.get_state_history("c")
+        assert [c["version"] for c in history] == list(range(1, 162))
+        assert state["version"] == 161
+
+    # -- patch, delete, rollback --------------------------------------------------------
+
+    def test_patch_is_a_json_merge_patch(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(a=1, nested={"x": 1, "y": 2}, gone=True))
+        state = sm.patch_state("u1", {"a": 2, "nested": {"y": None, "z": 3}, "gone": None})
+        assert state["data"] == {"a": 2, "nested": {"x": 1, "z": 3}}
+        change = sm.get_state_history("u1")[-1]
+        assert change["old_data"]["gone"] is True and "gone" not in change["new_data"]
+
+    def test_delete_keeps_history_and_allows_reregistration(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(a=1))
+        sm.delete_state("u1", actor="admin")
+        assert sm.get_state("u1") is None
+        assert sm.get_state("u1", include_expired=True) is None
+        assert sm.bulk_get(["u1"]) == {}
+        assert sm.search_states("user").total == 0
+        history = sm.get_state_history("u1")
+        assert [c["transition"] for c in history] == ["create", "delete"]
+        assert history[-1]["new_data"] is None and history[-1]["actor"] == "admin"
+        with pytest.raises(StateNotFoundError):
+            sm.update_state("u1", user())
+        again = sm.register_state("u1", "user", user(a=2))
+        assert again["version"] == 3 and again["status"] == "pending"
+        assert [c["version"] for c in sm.get_state_history("u1")] == [1, 2, 3]
+
+    def test_rollback(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(v="one"))
+        sm.update_state("u1", user(v="two"))
+        sm.update_state("u1", user(v="three"))
+        state = sm.rollback("u1", 1, actor="ops")
+        assert state["data"] == {"v": "one"} and state["version"] == 4
+        last = sm.get_state_history("u1")[-1]
+        assert last["transition"] == "update" and last["metadata"]["rollback_to"] == 1
+        assert last["old_data"] == {"v": "three"} and last["actor"] == "ops"
+        with pytest.raises(StateValidationError):
+            sm.rollback("u1", 42)
+        assert sm.get_state("u1")["version"] == 4
+
+    # -- history queries ---------------------------------------------------------------
+
+    def test_recent_changes_and_by_transition(self, sm: StateManager) -> None:
+        sm.register_state("a", "user", user())
+        sm.register_state("b", "user", user())
+        sm.transition("a", "activate")
+        sm.transition("a", "suspend")
+        sm.transition("a", "resume")
+        sm.transition("a", "suspend")
+        recent = sm.get_recent_changes("a", limit=2)
+        assert [(c["version"], c["transition"]) for c in recent] == [(5, "suspend"), (4, "resume")]
+        everything = sm.get_recent_changes(limit=3)
+        assert [(c["state_id"], c["version"]) for c in everything] == [
+            ("a", 5), ("a", 4), ("a", 3)
+        ]
+        suspensions = sm.get_changes_by_transition("a", StateTransition.SUSPEND)
+        assert [c["version"] for c in suspensions] == [3, 5]
+        assert all(c["change_id"] for c in suspensions)
+        assert len({c["change_id"] for c in sm.get_state_history("a")}) == 5
+
+    # -- bulk_get ------------------------------------------------------------------------
+
+    def test_bulk_get(self, sm: StateManager) -> None:
+        for i in range(5):
+            sm.register_state(f"u{i}", "user", user(i=i))
+        sm.delete_state("u3")
+        found = sm.bulk_get(["u0", "u3", "u4", "missing", "u0"])
+        assert sorted(found) == ["u0", "u4"]
+        assert found["u4"]["data"] == {"i": 4}
+        assert sm.bulk_get([]) == {}
+        with pytest.raises(StateValidationError):
+            sm.bulk_get(["ok", "bad id"])
+
+    # -- search --------------------------------------------------------------------------
+
+    def _people(self, sm: StateManager) -> None:
+        people = [
+            ("p1", {"status": "active", "age": 30, "tags": ["a", "b"], "city": "Harare"}),
+            ("p2", {"status": "active", "age": 17, "tags": ["b"], "vip": True}),
+            ("p3", {"status": "suspended", "age": 45, "vip": False}),
+            ("p4", {"status": "active", "age": 30.5, "city": "Bulawayo", "nick": None}),
+            ("p5", {"status": "pending", "age": "unknown", "addr": {"city": "Harare"}}),
+        ]
+        for state_id, data in people:
+            sm.register_state(state_id, "user", {"data": data, "metadata": {"tier": state_id}})
+        sm.register_state("f1", "feature", {"data": {"status": "active"}})
+
+    def _ids(self, page: Any) -> list[str]:
+        return sorted(s["state_id"] for s in page)
+
+    def test_search_operators(self, sm: StateManager) -> None:
+        self._people(sm)
+        search = sm.search_states
+        assert self._ids(search("user", {"data.status": "active"})) == ["p1", "p2", "p4"]
+        assert self._ids(search(None, {"data.status": "active"})) == ["f1", "p1", "p2", "p4"]
+        assert self._ids(search("user", {"data.status__ne": "active"})) == ["p3", "p5"]
+        assert self._ids(search("user", {"data.age__gt": 30})) == ["p3", "p4"]
+        assert self._ids(search("user", {"data.age__gte": 30})) == ["p1", "p3", "p4"]
+        assert self._ids(search("user", {"data.age__lt": 30})) == ["p2"]
+        assert self._ids(search("user", {"data.age__lte": 30})) == ["p1", "p2"]
+        assert self._ids(search("user", {"data.age": 30})) == ["p1"]
+        assert self._ids(search("user", {"data.age__in": [17, 45]})) == ["p2", "p3"]
+        assert self._ids(search("user", {"data.status__in": ["pending", "suspended"]})) == [
+            "p3", "p5"
+        ]
+        assert self._ids(search("user", {"data.tags__contains": "b"})) == ["p1", "p2"]
+        assert self._ids(search("user", {"data.city__contains": "arar"})) == ["p1"]
+        assert self._ids(search("user", {"data.vip": True})) == ["p2"]
+        assert self._ids(search("user", {"data.vip": False})) == ["p3"]
+        assert self._ids(search("user", {"data.nick": None})) == ["p4"]
+        assert self._ids(search("user", {"data.vip__exists": True})) == ["p2", "p3"]
+        assert self._ids(search("user", {"data.nick__exists": True})) == ["p4"]
+        assert self._ids(search("user", {"data.city__exists": False})) == ["p2", "p3", "p5"]
+        assert self._ids(search("user", {"data.addr.city": "Harare"})) == ["p5"]
+        assert self._ids(search("user", {"data.age__gt": "a"})) == ["p5"]
+        assert self._ids(search("user", {"metadata.tier": "p2"})) == ["p2"]
+        assert self._ids(search("user", {"status": "pending", "data.age__lt": 40})) == [
+            "p1", "p2", "p4"
+        ]
+        assert self._ids(search("user", {"name__contains": "p"})) == [
+            "p1", "p2", "p3", "p4", "p5"
+        ]
+        assert self._ids(search(None, {"type": "feature"})) == ["f1"]
+        assert self._ids(search("user", {"state_id__in": ["p1", "p9"]})) == ["p1"]
+        assert self._ids(search("user", {"version__gte": 2})) == []
+
+    def test_search_paging_and_order(self, sm: StateManager) -> None:
+        for i in range(7):
+            sm.register_state(f"s{i}", "user", user(i=i))
+        sm.update_state("s2", user(i=2))
+        first = sm.search_states("user", page=1, per_page=3)
+        assert first.total == 7 and first.pages == 3
+        assert first.has_next and not first.has_prev
+        assert first.items[0]["state_id"] == "s2"  # most recently updated first
+        last = sm.search_states("user", page=3, per_page=3)
+        assert len(last) == 1 and last.has_prev and not last.has_next
+        by_id = sm.search_states("user", order_by="state_id", per_page=50)
+        assert [s["state_id"] for s in by_id] == [f"s{i}" for i in range(7)]
+        desc = sm.search_states("user", order_by="-state_id", per_page=2, page=2)
+        assert [s["state_id"] for s in desc] == ["s4", "s3"]
+        seen = [s["state_id"] for p in (1, 2, 3) for s in sm.get_states_by_type(
+            "user", page=p, per_page=3)]
+        assert sorted(seen) == [f"s{i}" for i in range(7)]
+        assert sm.search_states("user", page=9).items == []
+
+    @pytest.mark.parametrize(
+        "filters",
+        [
+            {"data.status; DROP TABLE x": 1},
+            {"data.": 1},
+            {"data..a": 1},
+            {"data.a b": 1},
+            {"password": 1},
+            {"data.a__regex": "x"},
+            {"data.a__in": "not-a-list"},
+            {"data.a__in": []},
+            {"data.a__exists": "yes"},
+            {"data.a__gt": None},
+            {"data.a__gt": True},
+            {"data.a": {"nested": 1}},
+            {"data.a": float("nan")},
+            {"version": "2"},
+            {"status": 3},
+            {"created_at__gt": "yesterday"},
+            {"status__exists": True},
+        ],
+    )
+    def test_bad_filters_are_typed_errors(self, sm: StateManager, filters: Any) -> None:
+        with pytest.raises(StateValidationError) as info:
+            sm.search_states("user", filters)
+        assert info.value.messages
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [{"per_page": 0}, {"per_page": 10_000}, {"page": 0}, {"per_page": "5"},
+         {"order_by": "data.status"}, {"order_by": "-password"}],
+    )
+    def test_bad_paging_is_a_typed_error(self, sm: StateManager, kwargs: Any) -> None:
+        with pytest.raises(StateValidationError):
+            sm.search_states("user", **kwargs)
+
+    def test_search_unknown_type(self, sm: StateManager) -> None:
+        with pytest.raises(StateValidationError):
+            sm.search_states("nosuchtype")
+
+    # -- bad input writes nothing ---------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "state_id", ["", "has space", "slash/id", "x" * 256, "tab\t", "ünicode", None, 5,
+                     "new\nline"],
+    )
+    def test_bad_ids(self, sm: StateManager, state_id: Any) -> None:
+        with pytest.raises(StateValidationError) as info:
+            sm.register_state(state_id, "user", user())
+        assert "state_id" in info.value.messages
+        with pytest.raises(StateValidationError):
+            sm.get_state(state_id)
+        assert sm.search_states("user").total == 0
+
+    def test_longest_and_punctuated_ids_are_fine(self, sm: StateManager) -> None:
+        for state_id in ["x" * 255, "a.b:c@d-e_f", "0"]:
+            sm.register_state(state_id, "user", user())
+            assert sm.get_state(state_id)["state_id"] == state_id
+
+    @pytest.mark.parametrize(
+        "data",
+        [{"s": {1, 2}}, {"b": b"bytes"}, {"f": float("nan")}, {"f": float("inf")},
+         {"d": datetime.now(UTC)}, {1: "int key"}, {"big": 2**70}, {"o": object()}],
+    )
+    def test_non_json_data_is_refused(self, sm: StateManager, data: Any) -> None:
+        with pytest.raises(StateValidationError) as info:
+            sm.register_state("u1", "user", {"data": data})
+        assert "data" in info.value.messages
+        assert sm.get_state("u1") is None
+        sm.register_state("u2", "user", user(ok=True))
+        with pytest.raises(StateValidationError):
+            sm.update_state("u2", {"data": data})
+        with pytest.raises(StateValidationError):
+            sm.patch_state("u2", data)
+        assert sm.get_state("u2")["version"] == 1
+
+    @pytest.mark.parametrize(
+        "payload",
+        [["not", "a", "dict"], {"data": [1, 2]}, {"data": {}, "extra": 1},
+         {"user_id": "12345"}, {"data": {}, "metadata": "v1"}, {"name": "", "data": {}}],
+    )
+    def test_malformed_payloads(self, sm: StateManager, payload: Any) -> None:
+        with pytest.raises(StateValidationError):
+            sm.register_state("u1", "user", payload)
+        assert sm.get_state("u1") is None
+
+    def test_size_and_depth_limits(self, sm: StateManager, app: Flask) -> None:
+        app.config["STATEMANAGER_MAX_STATE_BYTES"] = 1000
+        app.config["STATEMANAGER_MAX_DEPTH"] = 4
+        StateManager().init_app(app)  # re-init picks up the new limits
+        sm.store.reset()
+        with pytest.raises(StateLimitError) as info:
+            sm.register_state("big", "user", user(blob="x" * 2000))
+        assert info.value.limit == "size" and info.value.maximum == 1000
+        deep: dict[str, Any] = {"leaf": 1}
+        for _ in range(5):
+            deep = {"n": deep}
+        with pytest.raises(StateLimitError) as depth:
+            sm.register_state("deep", "user", {"data": deep})
+        assert depth.value.limit == "depth"
+        assert sm.search_states("user").total == 0
+
+    def test_unknown_type_and_bad_arguments(self, sm: StateManager) -> None:
+        with pytest.raises(StateValidationError):
+            sm.register_state("u1", "no_such_type", user())
+        with pytest.raises(StateValidationError):
+            sm.register_state("u1", "Bad Type!", user())
+        for bad_ttl in (0, -5, "10", True):
+            with pytest.raises(StateValidationError):
+                sm.register_state("u1", "user", user(), ttl=bad_ttl)
+        sm.register_state("u1", "user", user())
+        for bad_version in (0, -1, "abc", 1.5):
+            with pytest.raises(StateValidationError):
+                sm.update_state("u1", user(), expected_version=bad_version)
+        with pytest.raises(StateValidationError):
+            sm.register_state("u2", "user", user(), actor="x" * 300)
+        assert sm.get_state("u1")["version"] == 1
+        assert sm.get_state("u2") is None
+
+    # -- validators ---------------------------------------------------------------------------
+
+    def test_callable_validator(self, sm: StateManager) -> None:
+        def has_email(state: dict[str, Any]) -> bool:
+            return "email" in state.get("data", {})
+
+        sm.register_validator(StateType.USER, has_email)
+        with pytest.raises(StateValidationError) as info:
+            sm.register_state("u1", "user", user(name="x"))
+        assert "has_email" in str(info.value)
+        assert sm.get_state("u1") is None
+        sm.register_state("u1", "user", user(email="a@b.c"))
+        with pytest.raises(StateValidationError):
+            sm.update_state("u1", user(name="no email"))
+        # Transitions that do not change data do not re-run data validators.
+        assert sm.transition("u1", "activate")["version"] == 2
+
+    def test_marshmallow_schema_validator(self, sm: StateManager) -> None:
+        class UserData(marshmallow.Schema):
+            email = marshmallow.fields.Email(required=True)
+            age = marshmallow.fields.Integer(validate=marshmallow.validate.Range(min=0))
+
+        sm.register_validator("user", UserData)
+        with pytest.raises(StateValidationError) as info:
+            sm.register_state("u1", "user", user(email="nope", age=-1))
+        assert set(info.value.messages["data"]) == {"email", "age"}
+        sm.register_state("u1", "user", user(email="a@example.com", age=3))
+        sm.register_type("cart", schema=UserData())
+        with pytest.raises(StateValidationError):
+            sm.register_state("c1", "cart", {"data": {}})
+
+    def test_validator_raising_validation_error(self, sm: StateManager) -> None:
+        def strict(state: dict[str, Any]) -> bool:
+            if state["data"].get("credits", 0) < 0:
+                raise StateValidationError("credits below zero", {"credits": ["Negative."]})
+            return True
+
+        sm.register_validator("user", strict)
+        sm.register_state("u1", "user", user(credits=5))
+        with pytest.raises(StateValidationError) as info:
+            sm.patch_state("u1", {"credits": -1})
+        assert info.value.messages == {"credits": ["Negative."]}
+        assert sm.get_state("u1")["data"] == {"credits": 5}
+
+    def test_transition_guard(self, sm: StateManager) -> None:
+        def verified_to_activate(state: dict[str, Any], transition: str) -> bool:
+            return transition != "activate" or state["data"].get("verified") is True
+
+        sm.register_validator("user", verified_to_activate)
+        sm.register_state("u1", "user", user(verified=False))
+        with pytest.raises(StateValidationError):
+            sm.transition("u1", "activate")
+        assert sm.get_state("u1")["status"] == "pending"
+        assert sm.transition("u1", "activate", data={"verified": True})["status"] == "active"
+
+        calls: list[str] = []
+        sm.register_validator("user", lambda s, t: calls.append(t) or True,
+                              transitions=["suspend"])
+        sm.transition("u1", "suspend")
+        sm.transition("u1", "resume")
+        assert calls == ["suspend"]
+
+    # -- signals and callbacks ------------------------------------------------------------------
+
+    def test_signals_after_commit(self, sm: StateManager, app: Flask) -> None:
+        received: list[tuple[str, dict[str, Any]]] = []
+
+        def on_changed(sender: Any, **kw: Any) -> None:
+            # Receivers see committed data.
+            assert sm.get_state(kw["state_id"]) == kw["new_state"] or kw["transition"] == "delete"
+            received.append(("changed", kw))
+
+        def on_suspended(sender: Any, **kw: Any) -> None:
+            received.append(("suspended", kw))
+
+        with signals.state_changed.connected_to(on_changed, sender=app), \
+                signals.state_suspended.connected_to(on_suspended, sender=app):
+            sm.register_state("u1", "user", user())
+            sm.transition("u1", "activate")
+            sm.transition("u1", "suspend", actor="bot")
+            sm.delete_state("u1")
+        kinds = [(k, kw["transition"]) for k, kw in received]
+        assert kinds == [("changed", "create"), ("changed", "activate"),
+                         ("changed", "suspend"), ("suspended", "suspend"),
+                         ("changed", "delete")]
+        create = received[0][1]
+        assert create["old_state"] is None and create["state_type"] == "user"
+        suspend = received[3][1]
+        assert suspend["old_state"]["status"] == "active"
+        assert suspend["new_state"]["status"] == "suspended"
+        assert suspend["change"]["actor"] == "bot" and suspend["change"]["version"] == 3
+        assert received[-1][1]["new_state"]["status"] == "deleted"
+
+    def test_failing_receiver_never_undoes_the_change(self, sm: StateManager, app: Flask) -> None:
+        def boom(sender: Any, **kw: Any) -> None:
+            raise RuntimeError("receiver bug")
+
+        with signals.state_created.connected_to(boom, sender=app):
+            state = sm.register_state("u1", "user", user())
+        assert state["version"] == 1 and sm.get_state("u1") is not None
+        assert sm.get_metrics()["signal_errors"] == 1
+
+    def test_callbacks_by_pattern(self, sm: StateManager) -> None:
+        calls: list[tuple[str, str, Any, Any]] = []
+
+        def record(tag: str) -> Any:
+            def fn(state_id: str, old: Any, new: Any, transition_type: str) -> None:
+                calls.append((tag, transition_type, old and old["status"], new["status"]))
+            return fn
+
+        sm.register_callback("user_suspended", record("exact"))
+        sm.register_callback("user_*", record("user"))
+        sm.register_callback("*", record("all"))
+        sm.register_callback("*_created", record("created"))
+        sm.register_state("u1", "user", user())
+        sm.transition("u1", "activate")
+        sm.transition("u1", "suspend")
+        sm.register_state("f1", "feature", {"data": {}})
+        assert ("exact", "suspend", "active", "suspended") in calls
+        assert [c for c in calls if c[0] == "exact"] == [("exact", "suspend", "active",
+                                                           "suspended")]
+        assert [c[1] for c in calls if c[0] == "user"] == ["create", "activate", "suspend"]
+        assert [c[1] for c in calls if c[0] == "all"] == ["create", "activate", "suspend",
+                                                          "create"]
+        assert [c[1] for c in calls if c[0] == "created"] == ["create", "create"]
+        assert ("created", "create", None, "pending") in calls
+
+    def test_failing_callback_is_retried_counted_and_harmless(
+        self, sm: StateManager, app: Flask, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        app.config["STATEMANAGER_CALLBACK_RETRIES"] = 2
+        attempts: list[int] = []
+
+        def flaky(state_id: str, old: Any, new: Any, transition_type: str) -> None:
+            attempts.append(new["version"])
+            raise ConnectionError("notification service down")
+
+        sm.register_callback("user_created", flaky)
+        StateManager().init_app(app)
+        sm.store.reset()
+        state = sm.register_state("u1", "user", user())
+        assert state["version"] == 1
+        assert sm.get_state("u1")["version"] == 1
+        assert attempts == [1, 1, 1]
+        metrics = sm.get_metrics()
+        assert metrics["callback_failures"] == 1 and metrics["callback_errors"] == 3
+        assert "notification service down" in caplog.text
+
+    def test_thread_callbacks(self, sm: StateManager, app: Flask) -> None:
+        import threading
+
+        app.config["STATEMANAGER_CALLBACK_MODE"] = "thread"
+        StateManager().init_app(app)
+        sm.store.reset()
+        done = threading.Event()
+        seen: list[str] = []
+
+        def cb(state_id: str, old: Any, new: Any, transition_type: str) -> None:
+            from flask import current_app
+
+            seen.append(f"{current_app.name}:{state_id}:{threading.current_thread().name}")
+            done.set()
+
+        sm.register_callback("user_created", cb)
+        sm.register_state("u1", "user", user())
+        assert done.wait(5)
+        assert seen[0].startswith(f"{app.name}:u1:statemanager-callback")
+
+    # -- TTL --------------------------------------------------------------------------------------
+
+    def test_ttl_expiry_on_read(self, sm: StateManager) -> None:
+        state = sm.register_state("s1", "session", {"data": {"token": "t"}}, ttl=0.3)
+        assert state["expires_at"] is not None
+        assert state["expires_at"] - state["created_at"] == timedelta(seconds=0.3)
+        sm.register_state("s2", "session", {"data": {}}, ttl=60)
+        assert sm.get_state("s1") is not None
+        time.sleep(0.4)
+        assert sm.search_states("session").total == 1
+        assert sm.bulk_get(["s1", "s2"]).keys() == {"s2"}
+        assert sm.get_state("s1") is None
+        expired = sm.get_state("s1", include_expired=True)
+        assert expired["status"] == "expired" and expired["version"] == 2
+        history = sm.get_state_history("s1")
+        assert [(c["transition"], c["actor"]) for c in history] == [("create", None),
+                                                                    ("expire", "ttl")]
+        assert sm.get_state("s1") is None
+        assert len(sm.get_state_history("s1")) == 2  # recorded once
+        with pytest.raises(StateNotFoundError):
+            sm.update_state("s1", {"data": {}})
+        renewed = sm.register_state("s1", "session", {"data": {"token": "new"}})
+        assert renewed["version"] == 3 and renewed["expires_at"] is None
+
+    def test_default_ttl_and_sweep(self, sm: StateManager) -> None:
+        sm.register_type("cart", default_ttl=0.2)
+        sm.register_state("c1", "cart", {"data": {}})
+        sm.register_state("c2", "cart", {"data": {}}, ttl=60)
+        sm.register_state("c3", "cart", {"data": {}})
+        time.sleep(0.3)
+        assert sm.sweep_expired() == 2
+        assert sm.sweep_expired() == 0
+        for state_id in ("c1", "c3"):
+            assert [c["transition"] for c in sm.get_state_history(state_id)] == [
+                "create", "expire"]
+        assert sm.get_state("c2") is not None
+
+    def test_reregister_over_unswept_expired_state_records_expiry(
+        self, sm: StateManager
+    ) -> None:
+        sm.register_state("s1", "session", {"data": {"n": 1}}, ttl=0.1)
+        time.sleep(0.2)
+        state = sm.register_state("s1", "session", {"data": {"n": 2}})
+        assert state["version"] == 3
+        assert [(c["version"], c["transition"]) for c in sm.get_state_history("s1")] == [
+            (1, "create"), (2, "expire"), (3, "create")]
+
+    def test_update_sets_new_ttl(self, sm: StateManager) -> None:
+        sm.register_state("s1", "session", {"data": {}}, ttl=60)
+        state = sm.update_state("s1", {"data": {"x": 1}}, ttl=3600)
+        assert state["expires_at"] - state["updated_at"] == timedelta(seconds=3600)
+        kept = sm.update_state("s1", {"data": {"x": 2}})
+        assert kept["expires_at"] == state["expires_at"]
+
+    # -- health, metrics ------------------------------------------------------------------------
+
+    def test_health_and_metrics(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user())
+        sm.register_state("u2", "user", user())
+        sm.delete_state("u2")
+        health = sm.get_health_status()
+        assert health["status"] == "healthy"
+        assert health["state_count"] == 1
+        assert health["checks"]["database"]["status"] == "up"
+        assert health["checks"]["database"]["latency_ms"] >= 0
+        with pytest.raises(StateExistsError):
+            sm.register_state("u1", "user", user())
+        metrics = sm.get_metrics()
+        assert metrics["operations"]["register_state"] == 3
+        assert metrics["errors"] == {"register_state:StateExistsError": 1}
+        assert metrics["transitions"]["user:create"] == 2
+        assert metrics["transitions"]["user:delete"] == 1
+        assert metrics["latency"]["register_state"]["count"] == 3
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    def store_config(self, tmp_path: Path) -> dict[str, Any]:
+        return {"STATEMANAGER_STORE": "memory"}
+
+
+class TestSQLiteStore(StoreContract):
+    @pytest.fixture
+    def store_config(self, tmp_path: Path) -> dict[str, Any]:
+        return {}  # the embedded default: a SQLite file in the instance folder
+
+
+class TestPostgresStore(StoreContract):
+    @pytest.fixture
+    def store_config(self, tmp_path: Path, postgres_url: str) -> dict[str, Any]:
+        return {"STATEMANAGER_DATABASE_URI": postgres_url}
