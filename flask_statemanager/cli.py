@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from flask.cli import with_appcontext
 
 from . import codec
 from .errors import StateManagerError
 
+if TYPE_CHECKING:
+    from .extension import StateManager
 
-def _manager():  # type: ignore[no-untyped-def]
+
+def _manager() -> StateManager:
     from .extension import StateManager
 
     return StateManager()
@@ -60,8 +65,13 @@ def history(state_id: str) -> None:
 
 
 @states.command("sweep")
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1),
-              help="Most states to expire in this run.")
+@click.option(
+    "--limit",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most states to expire in this run.",
+)
 @with_appcontext
 def sweep(limit: int) -> None:
     """Record the EXPIRE change of states whose TTL passed (actor 'ttl')."""

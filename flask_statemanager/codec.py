@@ -63,8 +63,9 @@ def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
         for key, item in items:
             if kind is dict and type(key) is not str:
                 return f"{path}: key {key!r} is not a string; JSON object keys are strings"
-            found = _problem(item, f"{path}.{key}" if kind is dict else f"{path}[{key}]",
-                             depth + 1, max_depth)
+            found = _problem(
+                item, f"{path}.{key}" if kind is dict else f"{path}[{key}]", depth + 1, max_depth
+            )
             if found:
                 return found
         return None

@@ -15,30 +15,53 @@ from .errors import ConfigurationError
 
 #: ``(key, default, one-line description)`` for every setting.
 SETTINGS: tuple[tuple[str, Any, str], ...] = (
-    ("STATEMANAGER_STORE", None,
-     "Store kind: 'sql', 'memory' (or 'redis' later); None picks it from the database URI."),
-    ("STATEMANAGER_DATABASE_URI", None,
-     "Database URL; None uses the app's Flask-SQLAlchemy engine if present, else a SQLite "
-     "file in the instance folder."),
-    ("STATEMANAGER_ENGINE_OPTIONS", {},
-     "Extra keyword arguments for sqlalchemy.create_engine when the extension makes its own."),
-    ("STATEMANAGER_TABLE_PREFIX", "statemanager_",
-     "Prefix of the states and history table names."),
-    ("STATEMANAGER_SQLITE_SYNCHRONOUS", "FULL",
-     "SQLite PRAGMA synchronous for the extension's own engine: FULL survives power loss, "
-     "NORMAL only process crashes."),
-    ("STATEMANAGER_MAX_STATE_BYTES", 1024 * 1024,
-     "Largest encoded size of a state's data plus metadata, in bytes."),
+    (
+        "STATEMANAGER_STORE",
+        None,
+        "Store kind: 'sql', 'memory' (or 'redis' later); None picks it from the database URI.",
+    ),
+    (
+        "STATEMANAGER_DATABASE_URI",
+        None,
+        "Database URL; None uses the app's Flask-SQLAlchemy engine if present, else a SQLite "
+        "file in the instance folder.",
+    ),
+    (
+        "STATEMANAGER_ENGINE_OPTIONS",
+        {},
+        "Extra keyword arguments for sqlalchemy.create_engine when the extension makes its own.",
+    ),
+    ("STATEMANAGER_TABLE_PREFIX", "statemanager_", "Prefix of the states and history table names."),
+    (
+        "STATEMANAGER_SQLITE_SYNCHRONOUS",
+        "FULL",
+        "SQLite PRAGMA synchronous for the extension's own engine: FULL survives power loss, "
+        "NORMAL only process crashes.",
+    ),
+    (
+        "STATEMANAGER_MAX_STATE_BYTES",
+        1024 * 1024,
+        "Largest encoded size of a state's data plus metadata, in bytes.",
+    ),
     ("STATEMANAGER_MAX_DEPTH", 32, "Deepest nesting of objects and lists in data or metadata."),
     ("STATEMANAGER_MAX_PER_PAGE", 500, "Largest page size accepted by searches."),
-    ("STATEMANAGER_EXPIRE_ON_READ", True,
-     "Record the EXPIRE change of a state whose TTL passed when a read finds it."),
-    ("STATEMANAGER_CALLBACK_MODE", "sync",
-     "'sync' runs callbacks after the commit in the caller's thread; 'thread' in a pool."),
+    (
+        "STATEMANAGER_EXPIRE_ON_READ",
+        True,
+        "Record the EXPIRE change of a state whose TTL passed when a read finds it.",
+    ),
+    (
+        "STATEMANAGER_CALLBACK_MODE",
+        "sync",
+        "'sync' runs callbacks after the commit in the caller's thread; 'thread' in a pool.",
+    ),
     ("STATEMANAGER_CALLBACK_RETRIES", 2, "Extra attempts for a callback that raised."),
     ("STATEMANAGER_CALLBACK_WORKERS", 4, "Thread pool size when CALLBACK_MODE is 'thread'."),
-    ("STATEMANAGER_WRITE_RETRIES", 50,
-     "Attempts of a last-write-wins write that keeps losing compare-and-set races."),
+    (
+        "STATEMANAGER_WRITE_RETRIES",
+        50,
+        "Attempts of a last-write-wins write that keeps losing compare-and-set races.",
+    ),
 )
 
 DEFAULTS: dict[str, Any] = {key: default for key, default, _ in SETTINGS}

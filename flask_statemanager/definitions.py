@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, TypeAlias
 
 from .errors import ConfigurationError, InvalidTransitionError, StateValidationError
 
 
-class StateType(str, Enum):
+class StateType(StrEnum):
     """The built-in state types; their values are the lower-case names."""
 
     USER = "user"
@@ -25,11 +25,8 @@ class StateType(str, Enum):
     FEATURE = "feature"
     SESSION = "session"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class StateTransition(str, Enum):
+class StateTransition(StrEnum):
     """The built-in transitions; their values are the lower-case names."""
 
     CREATE = "create"
@@ -39,9 +36,6 @@ class StateTransition(str, Enum):
     RESUME = "resume"
     EXPIRE = "expire"
     DELETE = "delete"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 TypeLike: TypeAlias = "StateType | str"
@@ -179,7 +173,10 @@ class Lifecycle:
         self.rules = rules
 
     def rule(self, transition: str, status: str | None, type_name: str) -> Rule:
-        """Return the rule for *transition* from *status*, or raise :class:`InvalidTransitionError`."""
+        """The rule for *transition* from *status*.
+
+        :raises InvalidTransitionError: unknown, or not allowed from *status*.
+        """
         rule = self.rules.get(transition)
         if rule is None:
             raise InvalidTransitionError(

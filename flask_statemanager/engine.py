@@ -97,8 +97,7 @@ def check_state_id(state_id: Any) -> str:
     if isinstance(state_id, str) and _ID_RE.fullmatch(state_id):
         return state_id
     raise StateValidationError(
-        f"Invalid state_id {state_id!r}: use 1-255 characters from letters, digits "
-        "and _ . : @ -",
+        f"Invalid state_id {state_id!r}: use 1-255 characters from letters, digits and _ . : @ -",
         {"state_id": ["1-255 characters of [A-Za-z0-9_.:@-]."]},
     )
 
@@ -144,8 +143,7 @@ def parse_payload(payload: Any, argument: str, type_name: str | None) -> Proposa
         raise StateValidationError(
             "name must be a string of 1-255 characters.", {"name": ["1-255 characters."]}
         )
-    return Proposal("update", data=payload.get("data"), name=name,
-                    metadata=payload.get("metadata"))
+    return Proposal("update", data=payload.get("data"), name=name, metadata=payload.get("metadata"))
 
 
 def write(
@@ -167,8 +165,7 @@ def write(
     :param attempts: how often a lost compare-and-set is retried from a fresh
         read (last write wins); defaults to ``STATEMANAGER_WRITE_RETRIES``.
     """
-    if expected_version is not None and (type(expected_version) is not int
-                                         or expected_version < 1):
+    if expected_version is not None and (type(expected_version) is not int or expected_version < 1):
         raise StateValidationError(
             f"expected_version must be a positive integer, got {expected_version!r}.",
             {"expected_version": ["A positive integer (the state's version or etag)."]},
@@ -197,8 +194,9 @@ def write(
             committed.append((expiry_write(row, now), row))
             base = committed[-1][0].state
         proposal = build(live)
-        new_state, change = _prepare(registry, runtime, state_id, create_type, live, base,
-                                     proposal, actor, now)
+        new_state, change = _prepare(
+            registry, runtime, state_id, create_type, live, base, proposal, actor, now
+        )
         committed.append((Write(new_state, base["version"] if base else 0, change), live))
         try:
             store.commit([w for w, _ in committed])
@@ -233,8 +231,8 @@ def _prepare(
     rule = definition.lifecycle.rule(proposal.transition, status, type_name)
 
     data = proposal.data if proposal.data is not None else (live["data"] if live else {})
-    metadata = proposal.metadata if proposal.metadata is not None else (
-        live["metadata"] if live else {}
+    metadata = (
+        proposal.metadata if proposal.metadata is not None else (live["metadata"] if live else {})
     )
     codec.check_document(data, "data", max_depth=settings.max_depth)
     codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
@@ -246,11 +244,15 @@ def _prepare(
             f"State {state_id!r} would be {size} bytes, over the {settings.max_state_bytes}-byte "
             "limit (STATEMANAGER_MAX_STATE_BYTES); store large blobs elsewhere and keep a "
             "reference in the state.",
-            limit="size", value=size, maximum=settings.max_state_bytes,
+            limit="size",
+            value=size,
+            maximum=settings.max_state_bytes,
         )
 
-    ttl = proposal.ttl if proposal.ttl is not None else (
-        definition.default_ttl if live is None else None
+    ttl = (
+        proposal.ttl
+        if proposal.ttl is not None
+        else (definition.default_ttl if live is None else None)
     )
     if ttl is not None:
         expires_at: datetime | None = now + timedelta(seconds=ttl)

@@ -95,7 +95,9 @@ def dispatch(runtime: Runtime, callbacks: Callbacks, event: Committed) -> None:
                 runtime.metrics.signal_error()
                 logger.exception(
                     "Receiver %r of %s failed for state %r; the change stays committed.",
-                    receiver, signal.name, event.state_id,
+                    receiver,
+                    signal.name,
+                    event.state_id,
                 )
     matched = callbacks.matching(f"{event.state_type}_{event_name(event.transition)}")
     for fn in matched:
@@ -124,8 +126,12 @@ def _run_callback(runtime: Runtime, fn: Callback, event: Committed) -> None:
             runtime.metrics.callback_error(final)
             logger.warning(
                 "Callback %r failed for %s of state %r (attempt %d of %d)%s",
-                getattr(fn, "__qualname__", fn), event.transition, event.state_id,
-                attempt, attempts, "; giving up, the change stays committed." if final else ".",
+                getattr(fn, "__qualname__", fn),
+                event.transition,
+                event.state_id,
+                attempt,
+                attempts,
+                "; giving up, the change stays committed." if final else ".",
                 exc_info=final,
             )
 

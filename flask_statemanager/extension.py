@@ -187,13 +187,14 @@ class StateManager(StateOperations):
             return apps[0].extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
         raise ConfigurationError(
             "No application context: use `with app.app_context():`, or "
-            + ("initialise an app with state_manager.init_app(app)."
-               if not apps else "several apps are initialised, so say which one.")
+            + (
+                "initialise an app with state_manager.init_app(app)."
+                if not apps
+                else "several apps are initialised, so say which one."
+            )
         )
 
     def _close_standalone(self) -> None:
         if self._standalone is not None:
             self._standalone.close()
             self._standalone = None
-
-

@@ -40,7 +40,7 @@ class Metrics:
             self.signal_errors = 0
             self.expired = 0
             self._latency: dict[str, list[int]] = {}
-            self._latency_sum: Counter[str] = Counter()
+            self._latency_sum: dict[str, float] = {}
 
     def observe(self, operation: str, duration_ms: float, error: str | None = None) -> None:
         """Count one operation, its latency, and its error class if it failed."""
@@ -54,7 +54,7 @@ class Metrics:
             if buckets is None:
                 buckets = self._latency[operation] = [0] * (len(LATENCY_BUCKETS_MS) + 1)
             buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
-            self._latency_sum[operation] += duration_ms
+            self._latency_sum[operation] = self._latency_sum.get(operation, 0.0) + duration_ms
 
     def committed(self, state_type: str, transition: str) -> None:
         """Count one committed change."""

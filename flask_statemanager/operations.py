@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec
 from .definitions import (
+    DEFAULT_LIFECYCLE,
     DELETED,
     Lifecycle,
     LifecycleTable,
@@ -105,10 +106,10 @@ class StateOperations:
             lifecycle = Lifecycle(lifecycle)
         definition = TypeDefinition(
             type_name,
+            lifecycle=lifecycle or DEFAULT_LIFECYCLE,
             default_ttl=check_ttl(default_ttl),
             indexes=tuple(dict.fromkeys(indexes)),
             schema=schema,
-            **({"lifecycle": lifecycle} if lifecycle is not None else {}),
         )
         with self._registry.lock:
             self._registry.types[type_name] = definition
@@ -143,8 +144,10 @@ class StateOperations:
         """
         type_name = normalize_type(state_type)
         self._registry.type(type_name)
-        only = None if transitions is None else frozenset(
-            normalize_transition(t, known=None) for t in transitions
+        only = (
+            None
+            if transitions is None
+            else frozenset(normalize_transition(t, known=None) for t in transitions)
         )
         with self._registry.lock:
             self._registry.validators.setdefault(type_name, []).append(Validator(validator, only))
@@ -184,8 +187,9 @@ class StateOperations:
     def bulk_get(self, state_ids: Sequence[str]) -> dict[str, State]:
         """Live states by id, fetched in one round trip; absent ids are left out."""
         if isinstance(state_ids, str):
-            raise _Invalid("bulk_get takes a list of ids, not one string.",
-                           {"state_ids": ["A list of ids."]})
+            raise _Invalid(
+                "bulk_get takes a list of ids, not one string.", {"state_ids": ["A list of ids."]}
+            )
         ids = list(dict.fromkeys(check_state_id(i) for i in state_ids))
         with self._operation("bulk_get") as runtime:
             now = utcnow()
@@ -221,8 +225,9 @@ class StateOperations:
             items, total = runtime.store.query(query)
             return Page(items, total, page, per_page)
 
-    def get_states_by_type(self, state_type: TypeLike, *, page: int = 1,
-                           per_page: int = 50) -> Page:
+    def get_states_by_type(
+        self, state_type: TypeLike, *, page: int = 1, per_page: int = 50
+    ) -> Page:
         """Live states of one type, most recently updated first."""
         return self.search_states(state_type, page=page, per_page=per_page)
 
@@ -237,8 +242,7 @@ class StateOperations:
         if state_id is not None:
             check_state_id(state_id)
         if type(limit) is not int or not 1 <= limit <= 10_000:
-            raise _Invalid("limit must be an integer from 1 to 10000.",
-                           {"limit": ["1 to 10000."]})
+            raise _Invalid("limit must be an integer from 1 to 10000.", {"limit": ["1 to 10000."]})
         with self._operation("get_recent_changes", state_id) as runtime:
             return runtime.store.recent_changes(state_id, limit)
 
@@ -253,8 +257,9 @@ class StateOperations:
 
     # -- writes ---------------------------------------------------------------
 
-    def _write(self, name: str, state_id: Any, build: Callable[[State | None], Proposal],
-               **options: Any) -> State:
+    def _write(
+        self, name: str, state_id: Any, build: Callable[[State | None], Proposal], **options: Any
+    ) -> State:
         check_state_id(state_id)
         with self._operation(name, state_id) as runtime:
             return write(self._registry, runtime, state_id, build, **options)
@@ -282,8 +287,9 @@ class StateOperations:
         proposal.ttl = check_ttl(ttl)
         if proposal.data is None:
             proposal.data = {}
-        return self._write("register_state", state_id, lambda _: proposal,
-                           create_type=type_name, actor=actor)
+        return self._write(
+            "register_state", state_id, lambda _: proposal, create_type=type_name, actor=actor
+        )
 
     def update_state(
         self,
@@ -308,9 +314,10 @@ class StateOperations:
 
         def build(current: State | None) -> Proposal:
             assert current is not None
-            if given_type is not None and getattr(given_type, "value", given_type) != current[
-                "type"
-            ]:
+            if (
+                given_type is not None
+                and getattr(given_type, "value", given_type) != current["type"]
+            ):
                 raise _Invalid(
                     f"new_data['type'] is {given_type!r} but state {state_id!r} is of type "
                     f"{current['type']!r}; remove it or make them match.",
@@ -318,8 +325,13 @@ class StateOperations:
                 )
             return proposal
 
-        return self._write("update_state", state_id, build,
-                           expected_version=_version(expected_version), actor=actor)
+        return self._write(
+            "update_state",
+            state_id,
+            build,
+            expected_version=_version(expected_version),
+            actor=actor,
+        )
 
     def patch_state(
         self,
@@ -331,15 +343,18 @@ class StateOperations:
     ) -> State:
         """Apply a JSON merge patch (RFC 7386) to ``data``: ``None`` removes a key."""
         if not isinstance(changes, dict):
-            raise _Invalid("changes must be a dict (a JSON merge patch of data).",
-                           {"changes": ["Must be a dict."]})
+            raise _Invalid(
+                "changes must be a dict (a JSON merge patch of data).",
+                {"changes": ["Must be a dict."]},
+            )
 
         def build(current: State | None) -> Proposal:
             assert current is not None
             return Proposal("update", data=codec.merge_patch(current["data"], changes))
 
-        return self._write("patch_state", state_id, build,
-                           expected_version=_version(expected_version), actor=actor)
+        return self._write(
+            "patch_state", state_id, build, expected_version=_version(expected_version), actor=actor
+        )
 
     def transition(
         self,
@@ -356,8 +371,13 @@ class StateOperations:
         """
         name = normalize_transition(transition, known=None)
         proposal = Proposal(name, data=None if data is None else dict(data))
-        return self._write("transition", state_id, lambda _: proposal,
-                           expected_version=_version(expected_version), actor=actor)
+        return self._write(
+            "transition",
+            state_id,
+            lambda _: proposal,
+            expected_version=_version(expected_version),
+            actor=actor,
+        )
 
     def delete_state(
         self,
@@ -367,8 +387,13 @@ class StateOperations:
         actor: str | None = None,
     ) -> None:
         """Delete a state: gone from reads, its history kept; the id can be registered again."""
-        self._write("delete_state", state_id, lambda _: Proposal("delete"),
-                    expected_version=_version(expected_version), actor=actor)
+        self._write(
+            "delete_state",
+            state_id,
+            lambda _: Proposal("delete"),
+            expected_version=_version(expected_version),
+            actor=actor,
+        )
 
     def atomic_update(
         self,
@@ -405,8 +430,9 @@ class StateOperations:
         """Restore the ``data`` a state had at *to_version*, as a new UPDATE change."""
         check_state_id(state_id)
         if type(to_version) is not int or to_version < 1:
-            raise _Invalid("to_version must be a positive integer.",
-                           {"to_version": ["A positive integer."]})
+            raise _Invalid(
+                "to_version must be a positive integer.", {"to_version": ["A positive integer."]}
+            )
 
         def build(current: State | None) -> Proposal:
             assert current is not None
@@ -472,8 +498,10 @@ class StateOperations:
         **fields: Any,
     ) -> None:
         """Write a structured log line for an operation of your own."""
-        transition = None if transition_type is None else str(
-            getattr(transition_type, "value", transition_type)
+        transition = (
+            None
+            if transition_type is None
+            else str(getattr(transition_type, "value", transition_type))
         )
         log_state_operation(operation, state_id, transition, duration_ms, **fields)
 
@@ -483,7 +511,9 @@ def _version(value: int | str | None) -> int | None:
     if isinstance(value, str):
         stripped = value.strip().removeprefix("W/").strip('"')
         if not stripped.isdigit():
-            raise _Invalid(f"expected_version {value!r} is not a version or etag.",
-                           {"expected_version": ["A version number or etag."]})
+            raise _Invalid(
+                f"expected_version {value!r} is not a version or etag.",
+                {"expected_version": ["A version number or etag."]},
+            )
         return int(stripped)
     return value

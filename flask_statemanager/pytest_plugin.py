@@ -57,11 +57,14 @@ def state_factory(state_manager: StateManager) -> Callable[..., State]:
     """Make states with unique ids: ``state_factory("user", {"plan": "pro"})``."""
     counter = itertools.count(1)
 
-    def make(state_type: str = "user", data: dict[str, Any] | None = None, *,
-             state_id: str | None = None, **options: Any) -> State:
+    def make(
+        state_type: str = "user",
+        data: dict[str, Any] | None = None,
+        *,
+        state_id: str | None = None,
+        **options: Any,
+    ) -> State:
         state_id = state_id or f"{state_type}_{next(counter)}"
-        return state_manager.register_state(
-            state_id, state_type, {"data": data or {}}, **options
-        )
+        return state_manager.register_state(state_id, state_type, {"data": data or {}}, **options)
 
     return make

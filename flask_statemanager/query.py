@@ -200,8 +200,9 @@ def parse_conditions(filters: Mapping[str, Any] | None) -> tuple[Condition, ...]
                 field, op = head, suffix
             elif "." not in suffix:
                 raise _invalid(
-                    key, f"unknown operator __{suffix}; use one of "
-                    + ", ".join(f"__{o}" for o in sorted(OPERATORS - {"eq"}))
+                    key,
+                    f"unknown operator __{suffix}; use one of "
+                    + ", ".join(f"__{o}" for o in sorted(OPERATORS - {"eq"})),
                 )
         root, path = split_field(field)
         conditions.append(Condition(root, path, op, _check_value(key, root, op, value)))

@@ -63,8 +63,9 @@ class StoreContract:
     # -- register / get --------------------------------------------------------
 
     def test_register_and_get(self, sm: StateManager) -> None:
-        state = sm.register_state("user_12345", StateType.USER, user(user_id="12345",
-                                                                      status="active"))
+        state = sm.register_state(
+            "user_12345", StateType.USER, user(user_id="12345", status="active")
+        )
         assert state["state_id"] == "user_12345"
         assert state["type"] == "user"
         assert state["status"] == "pending"
@@ -111,8 +112,9 @@ class StoreContract:
     def test_seed_lifecycle_create_activate_suspend_resume(self, sm: StateManager) -> None:
         sm.register_state("test_user", StateType.USER, user(status="new"))
         sm.update_state("test_user", user(status="active"), StateTransition.ACTIVATE)
-        sm.update_state("test_user", user(status="suspended", reason="payment_failed"),
-                        StateTransition.SUSPEND)
+        sm.update_state(
+            "test_user", user(status="suspended", reason="payment_failed"), StateTransition.SUSPEND
+        )
         final = sm.update_state("test_user", user(status="active"), StateTransition.RESUME)
         assert final["status"] == "active" and final["version"] == 4
         history = sm.get_state_history("test_user")
@@ -315,9 +317,7 @@ class StoreContract:
         recent = sm.get_recent_changes("a", limit=2)
         assert [(c["version"], c["transition"]) for c in recent] == [(5, "suspend"), (4, "resume")]
         everything = sm.get_recent_changes(limit=3)
-        assert [(c["state_id"], c["version"]) for c in everything] == [
-            ("a", 5), ("a", 4), ("a", 3)
-        ]
+        assert [(c["state_id"], c["version"]) for c in everything] == [("a", 5), ("a", 4), ("a", 3)]
         suspensions = sm.get_changes_by_transition("a", StateTransition.SUSPEND)
         assert [c["version"] for c in suspensions] == [3, 5]
         assert all(c["change_id"] for c in suspensions)
@@ -366,7 +366,8 @@ class StoreContract:
         assert self._ids(search("user", {"data.age": 30})) == ["p1"]
         assert self._ids(search("user", {"data.age__in": [17, 45]})) == ["p2", "p3"]
         assert self._ids(search("user", {"data.status__in": ["pending", "suspended"]})) == [
-            "p3", "p5"
+            "p3",
+            "p5",
         ]
         assert self._ids(search("user", {"data.tags__contains": "b"})) == ["p1", "p2"]
         assert self._ids(search("user", {"data.city__contains": "arar"})) == ["p1"]
@@ -380,11 +381,11 @@ class StoreContract:
         assert self._ids(search("user", {"data.age__gt": "a"})) == ["p5"]
         assert self._ids(search("user", {"metadata.tier": "p2"})) == ["p2"]
         assert self._ids(search("user", {"status": "pending", "data.age__lt": 40})) == [
-            "p1", "p2", "p4"
+            "p1",
+            "p2",
+            "p4",
         ]
-        assert self._ids(search("user", {"name__contains": "p"})) == [
-            "p1", "p2", "p3", "p4", "p5"
-        ]
+        assert self._ids(search("user", {"name__contains": "p"})) == ["p1", "p2", "p3", "p4", "p5"]
         assert self._ids(search(None, {"type": "feature"})) == ["f1"]
         assert self._ids(search("user", {"state_id__in": ["p1", "p9"]})) == ["p1"]
         assert self._ids(search("user", {"version__gte": 2})) == []
@@ -403,8 +404,11 @@ class StoreContract:
         assert [s["state_id"] for s in by_id] == [f"s{i}" for i in range(7)]
         desc = sm.search_states("user", order_by="-state_id", per_page=2, page=2)
         assert [s["state_id"] for s in desc] == ["s4", "s3"]
-        seen = [s["state_id"] for p in (1, 2, 3) for s in sm.get_states_by_type(
-            "user", page=p, per_page=3)]
+        seen = [
+            s["state_id"]
+            for p in (1, 2, 3)
+            for s in sm.get_states_by_type("user", page=p, per_page=3)
+        ]
         assert sorted(seen) == [f"s{i}" for i in range(7)]
         assert sm.search_states("user", page=9).items == []
 
@@ -437,8 +441,14 @@ class StoreContract:
 
     @pytest.mark.parametrize(
         "kwargs",
-        [{"per_page": 0}, {"per_page": 10_000}, {"page": 0}, {"per_page": "5"},
-         {"order_by": "data.status"}, {"order_by": "-password"}],
+        [
+            {"per_page": 0},
+            {"per_page": 10_000},
+            {"page": 0},
+            {"per_page": "5"},
+            {"order_by": "data.status"},
+            {"order_by": "-password"},
+        ],
     )
     def test_bad_paging_is_a_typed_error(self, sm: StateManager, kwargs: Any) -> None:
         with pytest.raises(StateValidationError):
@@ -451,8 +461,8 @@ class StoreContract:
     # -- bad input writes nothing ---------------------------------------------------------
 
     @pytest.mark.parametrize(
-        "state_id", ["", "has space", "slash/id", "x" * 256, "tab\t", "ünicode", None, 5,
-                     "new\nline"],
+        "state_id",
+        ["", "has space", "slash/id", "x" * 256, "tab\t", "ünicode", None, 5, "new\nline"],
     )
     def test_bad_ids(self, sm: StateManager, state_id: Any) -> None:
         with pytest.raises(StateValidationError) as info:
@@ -469,8 +479,16 @@ class StoreContract:
 
     @pytest.mark.parametrize(
         "data",
-        [{"s": {1, 2}}, {"b": b"bytes"}, {"f": float("nan")}, {"f": float("inf")},
-         {"d": datetime.now(UTC)}, {1: "int key"}, {"big": 2**70}, {"o": object()}],
+        [
+            {"s": {1, 2}},
+            {"b": b"bytes"},
+            {"f": float("nan")},
+            {"f": float("inf")},
+            {"d": datetime.now(UTC)},
+            {1: "int key"},
+            {"big": 2**70},
+            {"o": object()},
+        ],
     )
     def test_non_json_data_is_refused(self, sm: StateManager, data: Any) -> None:
         with pytest.raises(StateValidationError) as info:
@@ -486,8 +504,14 @@ class StoreContract:
 
     @pytest.mark.parametrize(
         "payload",
-        [["not", "a", "dict"], {"data": [1, 2]}, {"data": {}, "extra": 1},
-         {"user_id": "12345"}, {"data": {}, "metadata": "v1"}, {"name": "", "data": {}}],
+        [
+            ["not", "a", "dict"],
+            {"data": [1, 2]},
+            {"data": {}, "extra": 1},
+            {"user_id": "12345"},
+            {"data": {}, "metadata": "v1"},
+            {"name": "", "data": {}},
+        ],
     )
     def test_malformed_payloads(self, sm: StateManager, payload: Any) -> None:
         with pytest.raises(StateValidationError):
@@ -583,8 +607,7 @@ class StoreContract:
         assert sm.transition("u1", "activate", data={"verified": True})["status"] == "active"
 
         calls: list[str] = []
-        sm.register_validator("user", lambda s, t: calls.append(t) or True,
-                              transitions=["suspend"])
+        sm.register_validator("user", lambda s, t: calls.append(t) or True, transitions=["suspend"])
         sm.transition("u1", "suspend")
         sm.transition("u1", "resume")
         assert calls == ["suspend"]
@@ -602,16 +625,22 @@ class StoreContract:
         def on_suspended(sender: Any, **kw: Any) -> None:
             received.append(("suspended", kw))
 
-        with signals.state_changed.connected_to(on_changed, sender=app), \
-                signals.state_suspended.connected_to(on_suspended, sender=app):
+        with (
+            signals.state_changed.connected_to(on_changed, sender=app),
+            signals.state_suspended.connected_to(on_suspended, sender=app),
+        ):
             sm.register_state("u1", "user", user())
             sm.transition("u1", "activate")
             sm.transition("u1", "suspend", actor="bot")
             sm.delete_state("u1")
         kinds = [(k, kw["transition"]) for k, kw in received]
-        assert kinds == [("changed", "create"), ("changed", "activate"),
-                         ("changed", "suspend"), ("suspended", "suspend"),
-                         ("changed", "delete")]
+        assert kinds == [
+            ("changed", "create"),
+            ("changed", "activate"),
+            ("changed", "suspend"),
+            ("suspended", "suspend"),
+            ("changed", "delete"),
+        ]
         create = received[0][1]
         assert create["old_state"] is None and create["state_type"] == "user"
         suspend = received[3][1]
@@ -635,6 +664,7 @@ class StoreContract:
         def record(tag: str) -> Any:
             def fn(state_id: str, old: Any, new: Any, transition_type: str) -> None:
                 calls.append((tag, transition_type, old and old["status"], new["status"]))
+
             return fn
 
         sm.register_callback("user_suspended", record("exact"))
@@ -646,11 +676,11 @@ class StoreContract:
         sm.transition("u1", "suspend")
         sm.register_state("f1", "feature", {"data": {}})
         assert ("exact", "suspend", "active", "suspended") in calls
-        assert [c for c in calls if c[0] == "exact"] == [("exact", "suspend", "active",
-                                                           "suspended")]
+        assert [c for c in calls if c[0] == "exact"] == [
+            ("exact", "suspend", "active", "suspended")
+        ]
         assert [c[1] for c in calls if c[0] == "user"] == ["create", "activate", "suspend"]
-        assert [c[1] for c in calls if c[0] == "all"] == ["create", "activate", "suspend",
-                                                          "create"]
+        assert [c[1] for c in calls if c[0] == "all"] == ["create", "activate", "suspend", "create"]
         assert [c[1] for c in calls if c[0] == "created"] == ["create", "create"]
         assert ("created", "create", None, "pending") in calls
 
@@ -710,8 +740,10 @@ class StoreContract:
         expired = sm.get_state("s1", include_expired=True)
         assert expired["status"] == "expired" and expired["version"] == 2
         history = sm.get_state_history("s1")
-        assert [(c["transition"], c["actor"]) for c in history] == [("create", None),
-                                                                    ("expire", "ttl")]
+        assert [(c["transition"], c["actor"]) for c in history] == [
+            ("create", None),
+            ("expire", "ttl"),
+        ]
         assert sm.get_state("s1") is None
         assert len(sm.get_state_history("s1")) == 2  # recorded once
         with pytest.raises(StateNotFoundError):
@@ -728,19 +760,19 @@ class StoreContract:
         assert sm.sweep_expired() == 2
         assert sm.sweep_expired() == 0
         for state_id in ("c1", "c3"):
-            assert [c["transition"] for c in sm.get_state_history(state_id)] == [
-                "create", "expire"]
+            assert [c["transition"] for c in sm.get_state_history(state_id)] == ["create", "expire"]
         assert sm.get_state("c2") is not None
 
-    def test_reregister_over_unswept_expired_state_records_expiry(
-        self, sm: StateManager
-    ) -> None:
+    def test_reregister_over_unswept_expired_state_records_expiry(self, sm: StateManager) -> None:
         sm.register_state("s1", "session", {"data": {"n": 1}}, ttl=0.1)
         time.sleep(0.2)
         state = sm.register_state("s1", "session", {"data": {"n": 2}})
         assert state["version"] == 3
         assert [(c["version"], c["transition"]) for c in sm.get_state_history("s1")] == [
-            (1, "create"), (2, "expire"), (3, "create")]
+            (1, "create"),
+            (2, "expire"),
+            (3, "create"),
+        ]
 
     def test_update_sets_new_ttl(self, sm: StateManager) -> None:
         sm.register_state("s1", "session", {"data": {}}, ttl=60)

@@ -89,8 +89,9 @@ class MemoryStore(Store):
             ]
             order = query.order
             rows.sort(key=lambda s: s["state_id"], reverse=order.descending)
-            rows.sort(key=lambda s: _sort_key(s[order.root], order.descending),
-                      reverse=order.descending)
+            rows.sort(
+                key=lambda s: _sort_key(s[order.root], order.descending), reverse=order.descending
+            )
             page = rows[query.offset : query.offset + query.limit]
             return [_copy_state(s) for s in page], len(rows)
 

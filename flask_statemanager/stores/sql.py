@@ -16,6 +16,7 @@ expression text the queries use, so the planner can match them.
 from __future__ import annotations
 
 import hashlib
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,8 +26,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.schema import CreateIndex
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.elements import ColumnElement
 
 from .. import codec
@@ -223,14 +224,18 @@ class _SQLiteJSON(_JSONDialect):
         if op == "in":
             return sa.or_(*(self._eq(column, path, v) for v in value))
         if op == "contains":
-            kinds = ", ".join(f"'{k}'" for k in self._kinds(value))
-            item = sa.bindparam(None, int(value) if isinstance(value, bool) else value)
+            listed = ", ".join(f"'{k}'" for k in self._kinds(value))
+            item: ColumnElement[Any] = sa.bindparam(
+                None, int(value) if isinstance(value, bool) else value
+            )
             in_array = sa.and_(
                 self._type(column, path) == "array",
                 sa.exists(
                     sa.select(sa.literal(1))
                     .select_from(sa.text(f"json_each({column}, '{self._path(path)}') AS item"))
-                    .where(sa.text(f"item.type IN ({kinds})"), sa.literal_column("item.value") == item)
+                    .where(
+                        sa.text(f"item.type IN ({listed})"), sa.literal_column("item.value") == item
+                    )
                 ),
             )
             if not isinstance(value, str):
@@ -253,14 +258,12 @@ def _column_name(root: str) -> str:
     return "metadata" if root == "metadata" else "data"
 
 
+_COMPARISONS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+
+
 def _compare(expr: ColumnElement[Any], op: str, value: Any) -> ColumnElement[bool]:
-    if op == "gt":
-        return expr > value
-    if op == "gte":
-        return expr >= value
-    if op == "lt":
-        return expr < value
-    return expr <= value
+    result: ColumnElement[bool] = _COMPARISONS[op](expr, value)
+    return result
 
 
 def _index_name(prefix: str, field: str) -> str:
@@ -276,18 +279,22 @@ class SQLStore(Store):
 
     kind = "sql"
 
-    def __init__(self, engine: Engine, *, table_prefix: str = "statemanager_",
-                 owns_engine: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, *, table_prefix: str = "statemanager_", owns_engine: bool = False
+    ) -> None:
         self.engine = engine
         self.prefix = table_prefix
         self._owns_engine = owns_engine
         self.metadata, self.states, self.history_table = _tables(table_prefix)
         self.dialect = engine.dialect.name
         self.embedded = self.dialect == "sqlite"
-        self._json: _JSONDialect = _PostgresJSON() if self.dialect == "postgresql" else _SQLiteJSON()
+        self._json: _JSONDialect = (
+            _PostgresJSON() if self.dialect == "postgresql" else _SQLiteJSON()
+        )
         states, history = self.states, self.history_table
-        self._state_columns = [states.c[k if k != "metadata" else "meta"]
-                               for k in STATE_KEYS if k != "etag"]
+        self._state_columns = [
+            states.c[k if k != "metadata" else "meta"] for k in STATE_KEYS if k != "etag"
+        ]
         self._select_one = sa.select(*self._state_columns).where(
             states.c.state_id == sa.bindparam("state_id")
         )
@@ -298,13 +305,10 @@ class SQLStore(Store):
                 states.c.state_id == sa.bindparam("_state_id"),
                 states.c.version == sa.bindparam("_expected"),
             )
-            .values(
-                {c: sa.bindparam(c.key) for c in states.c if c.key != "state_id"}
-            )
+            .values({c: sa.bindparam(c.key) for c in states.c if c.key != "state_id"})
         )
         self._insert_change = history.insert()
-        self._change_columns = [history.c[k if k != "metadata" else "meta"]
-                                for k in CHANGE_KEYS]
+        self._change_columns = [history.c[k if k != "metadata" else "meta"] for k in CHANGE_KEYS]
 
     # -- schema -------------------------------------------------------------
 
@@ -407,11 +411,10 @@ class SQLStore(Store):
     def _condition(self, c: Condition) -> ColumnElement[bool]:
         if c.is_json:
             return self._json.condition(c)
-        column = self.states.c[c.root]
-        if c.op == "eq":
-            return column == c.value
-        if c.op == "ne":
-            return column != c.value
+        column: ColumnElement[Any] = self.states.c[c.root]
+        if c.op in ("eq", "ne"):
+            equal: ColumnElement[bool] = column.__eq__(c.value)
+            return equal if c.op == "eq" else sa.not_(equal)
         if c.op == "in":
             return column.in_(list(c.value))
         if c.op == "contains":
@@ -450,8 +453,10 @@ class SQLStore(Store):
             return [_state(r) for r in conn.execute(stmt).all()]
 
     def count(self) -> int:
-        stmt = sa.select(sa.func.count()).select_from(self.states).where(
-            self.states.c.status != DELETED
+        stmt = (
+            sa.select(sa.func.count())
+            .select_from(self.states)
+            .where(self.states.c.status != DELETED)
         )
         with self._connect() as conn:
             return int(conn.execute(stmt).scalar_one())
@@ -535,8 +540,7 @@ class SQLStore(Store):
 
 
 def _state(row: Any) -> State:
-    (state_id, name, type_, status, data, meta, version,
-     created_at, updated_at, expires_at) = row
+    (state_id, name, type_, status, data, meta, version, created_at, updated_at, expires_at) = row
     return State(
         state_id=state_id,
         name=name,
