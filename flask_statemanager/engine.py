@@ -22,7 +22,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -174,42 +174,50 @@ def write(
         raise StateValidationError(
             "actor must be a string of at most 255 characters.", {"actor": ["Too long."]}
         )
-    store = runtime.store
     attempts = attempts or runtime.settings.write_retries
-    for attempt in range(attempts):
+    committed: list[tuple[Write, State | None]] = []
+
+    def plan(rows: Mapping[str, State | None]) -> list[Write]:
+        committed.clear()
         now = utcnow()
-        row = store.get(state_id)
+        row = rows[state_id]
         live = row if row is not None and is_live(row, now) else None
         if create_type is not None and live is not None:
             raise StateExistsError(state_id)
         if create_type is None and live is None:
             raise StateNotFoundError(state_id)
-        if expected_version is not None and (live["version"] if live else 0) != expected_version:
-            raise StateConflictError(state_id, expected_version, live["version"] if live else None)
-
-        committed: list[tuple[Write, State | None]] = []
+        version = live["version"] if live else None
+        if expected_version is not None and version != expected_version:
+            raise StateConflictError(state_id, expected_version, version)
         base = row
         if row is not None and live is None and needs_expiry(row, now):
             # A new life over a state whose TTL passed unrecorded: record the expiry first.
             committed.append((expiry_write(row, now), row))
             base = committed[-1][0].state
-        proposal = build(live)
         new_state, change = _prepare(
-            registry, runtime, state_id, create_type, live, base, proposal, actor, now
+            registry, runtime, state_id, create_type, live, base, build(live), actor, now
         )
         committed.append((Write(new_state, base["version"] if base else 0, change), live))
+        return [w for w, _ in committed]
+
+    for attempt in range(attempts):
         try:
-            store.commit([w for w, _ in committed])
+            runtime.store.apply([state_id], plan)
         except VersionMismatch as lost:
+            # Only stores without locks get here: another writer won the race.
             if expected_version is not None:
                 raise StateConflictError(state_id, expected_version, lost.actual_version) from None
             if attempt + 1 < attempts:
                 # Back off with jitter so racing writers stop colliding.
-                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+                time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
             continue
         after_commit(registry, runtime, committed)
-        return new_state
-    raise StateConflictError(state_id, None, None)
+        return committed[-1][0].state
+    raise StateConflictError(
+        state_id, None, None,
+        message=f"State {state_id!r} kept changing under {attempts} attempts to write it; "
+        "retry later or pass a larger retries.",
+    )
 
 
 def _prepare(
@@ -323,15 +331,23 @@ def expiry_write(row: State, now: datetime) -> Write:
     return Write(state, row["version"], change)
 
 
-def expire(registry: Registry, runtime: Runtime, row: State, now: datetime) -> State | None:
-    """Record the TTL expiry of *row*; ``None`` if another worker got there first."""
-    write_ = expiry_write(row, now)
+def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
+    """Record the TTL expiry of a state; ``None`` if it is not due (or another worker did it)."""
+    committed: list[tuple[Write, State | None]] = []
+
+    def plan(rows: Mapping[str, State | None]) -> list[Write]:
+        row, now = rows[state_id], utcnow()
+        if row is None or not needs_expiry(row, now):
+            return []
+        committed.append((expiry_write(row, now), row))
+        return [committed[0][0]]
+
     try:
-        runtime.store.commit([write_])
+        runtime.store.apply([state_id], plan)
     except VersionMismatch:
         return None
-    after_commit(registry, runtime, [(write_, row)])
-    return write_.state
+    after_commit(registry, runtime, committed)
+    return committed[0][0].state if committed else None
 
 
 def after_commit(

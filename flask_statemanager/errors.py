@@ -68,14 +68,20 @@ class StateConflictError(StateManagerError):
     """Optimistic concurrency failed: the state is not at the expected version."""
 
     def __init__(
-        self, state_id: str, expected_version: int | None, actual_version: int | None
+        self,
+        state_id: str,
+        expected_version: int | None,
+        actual_version: int | None,
+        *,
+        message: str | None = None,
     ) -> None:
         self.state_id = state_id
         self.expected_version = expected_version
         self.actual_version = actual_version
         actual = "absent" if actual_version is None else f"at version {actual_version}"
         super().__init__(
-            f"State {state_id!r} is {actual}, not at expected version {expected_version}; "
+            message
+            or f"State {state_id!r} is {actual}, not at expected version {expected_version}; "
             "re-read it and retry with the current version (etag)."
         )
 

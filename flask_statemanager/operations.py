@@ -179,7 +179,7 @@ class StateOperations:
             if is_live(row, now):
                 return row
             if needs_expiry(row, now) and runtime.settings.expire_on_read:
-                row = expire(self._registry, runtime, row, now) or runtime.store.get(state_id)
+                row = expire(self._registry, runtime, state_id) or runtime.store.get(state_id)
                 if row is None or row["status"] == DELETED:
                     return None
             return row if include_expired else None
@@ -455,12 +455,8 @@ class StateOperations:
         :returns: how many states this call expired.
         """
         with self._operation("sweep_expired") as runtime:
-            now = utcnow()
-            done = 0
-            for row in runtime.store.expired(now, limit):
-                if expire(self._registry, runtime, row, now) is not None:
-                    done += 1
-            return done
+            due = runtime.store.expired(utcnow(), limit)
+            return sum(expire(self._registry, runtime, row["state_id"]) is not None for row in due)
 
     # -- operations and health ---------------------------------------------------
 

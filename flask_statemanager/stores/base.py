@@ -1,17 +1,23 @@
 """The store contract: what every backend implements, and nothing more.
 
-The engine reads raw rows (deleted and expired ones included) and commits
-:class:`Write` batches; a store never decides lifecycle, validation or TTL
-policy. ``commit`` is a compare-and-set of each state *and* the append of its
-history entry, all or nothing: a store must never leave a state without its
-history entry or the reverse, and must refuse a write whose expected version
-is not the stored one.
+The engine reads raw rows (deleted and expired ones included) and writes
+through :meth:`Store.apply`; a store never decides lifecycle, validation or TTL
+policy. ``apply`` reads the states a change touches, lets the engine plan the
+:class:`Write` batch from what it read, and commits each state's
+compare-and-set *and* its history entry, all or nothing: a store must never
+leave a state without its history entry or the reverse, and must refuse a
+write whose expected version is not the stored one.
+
+Stores that can lock (SQL row locks, SQLite's single writer, a process lock)
+hold the lock from the read to the commit, so concurrent writers queue instead
+of conflicting; stores that cannot (Redis) rely on the compare-and-set and the
+engine retries from a fresh read.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -34,6 +40,10 @@ class Write:
     state: State
     expected_version: int
     change: Change
+
+
+#: Given the stored rows (``None`` for absent ids), returns the writes to commit.
+Plan = Callable[[Mapping[str, State | None]], Sequence[Write]]
 
 
 class VersionMismatch(Exception):
@@ -70,9 +80,14 @@ class Store(ABC):
         """Stored records by id, in one round trip; missing ids are left out."""
 
     @abstractmethod
-    def commit(self, writes: Sequence[Write]) -> None:
-        """Apply every write with its history entry atomically.
+    def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        """Read *state_ids*, call ``plan(rows)``, and commit the writes it returns.
 
+        Each write is a compare-and-set of its state plus the append of its
+        history entry; all of them commit together or not at all. An exception
+        from *plan* aborts with nothing written.
+
+        :returns: the committed writes.
         :raises VersionMismatch: a state is not at its expected version; nothing
             was written.
         """

@@ -17,7 +17,7 @@ from .. import codec
 from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..query import Query, matches
 from ..records import Change, State
-from .base import Store, VersionMismatch, Write
+from .base import Plan, Store, VersionMismatch, Write
 
 
 def _copy_state(state: State) -> State:
@@ -38,7 +38,7 @@ class MemoryStore(Store):
     embedded = True
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._states: dict[str, State] = {}
         self._history: dict[str, list[Change]] = {}
         self._log: list[Change] = []  # every change in commit order
@@ -55,8 +55,10 @@ class MemoryStore(Store):
         with self._lock:
             return {i: _copy_state(self._states[i]) for i in state_ids if i in self._states}
 
-    def commit(self, writes: Sequence[Write]) -> None:
+    def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        # One lock from read to commit: writers queue, as on a locking database.
         with self._lock:
+            writes = plan({i: self.get(i) for i in state_ids})
             # Check every compare-and-set first (later writes of the same state in
             # one batch build on earlier ones), then apply: all or nothing.
             versions: dict[str, int] = {}
@@ -76,6 +78,7 @@ class MemoryStore(Store):
                 self._states[state_id] = _copy_state(write.state)
                 self._history.setdefault(state_id, []).append(change)
                 self._log.append(change)
+            return writes
 
     def query(self, query: Query) -> tuple[list[State], int]:
         with self._lock:

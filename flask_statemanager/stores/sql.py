@@ -35,7 +35,7 @@ from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..errors import BackendUnavailableError
 from ..query import Condition, Query
 from ..records import CHANGE_KEYS, STATE_KEYS, Change, State
-from .base import Store, VersionMismatch, Write
+from .base import Plan, Store, VersionMismatch, Write
 
 
 class JSONDocument(sa.types.TypeDecorator[Any]):
@@ -468,22 +468,35 @@ class SQLStore(Store):
 
     # -- writes -------------------------------------------------------------
 
-    def commit(self, writes: Sequence[Write]) -> None:
+    def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        """Lock the rows, plan, then compare-and-set and append history in one transaction.
+
+        PostgreSQL locks the rows with ``SELECT … FOR UPDATE`` (in id order, so
+        multi-state writes cannot deadlock); SQLite takes its single write lock
+        up front with ``BEGIN IMMEDIATE``. Concurrent writers of a state queue
+        for the lock instead of failing their compare-and-set.
+        """
         try:
             with self.engine.begin() as conn:
+                if self.dialect == "sqlite":
+                    raw: Any = conn.connection.dbapi_connection
+                    if not raw.in_transaction:
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                stmt = sa.select(*self._state_columns).where(
+                    self.states.c.state_id.in_(sorted(state_ids))
+                ).order_by(self.states.c.state_id)
+                if self.dialect == "postgresql":
+                    stmt = stmt.with_for_update()
+                found = {row[0]: _state(row) for row in conn.execute(stmt)}
+                writes = plan({i: found.get(i) for i in state_ids})
                 for write in writes:
                     self._write(conn, write)
+                return writes
         except VersionMismatch:
             raise
         except IntegrityError as exc:
-            # Two writers raced to insert a new id, or to append the same
-            # history version: the loser's transaction rolled back.
-            for write in writes:
-                current = self.get(write.state["state_id"])
-                actual = current["version"] if current else None
-                if (actual or 0) != write.expected_version:
-                    raise VersionMismatch(write.state["state_id"], actual) from exc
-            raise
+            # Two writers raced to insert the same new id: the loser rolled back.
+            raise VersionMismatch(state_ids[0], None) from exc
         except DBAPIError as exc:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
                 raise BackendUnavailableError(
