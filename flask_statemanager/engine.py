@@ -214,7 +214,9 @@ def write(
         after_commit(registry, runtime, committed)
         return committed[-1][0].state
     raise StateConflictError(
-        state_id, None, None,
+        state_id,
+        None,
+        None,
         message=f"State {state_id!r} kept changing under {attempts} attempts to write it; "
         "retry later or pass a larger retries.",
     )

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 
 from flask_statemanager import StateManager
@@ -37,13 +38,32 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
 
 
 def _assert_consistent(app: Flask, state_id: str) -> int:
+    """Read the state row and its history in one snapshot and check they agree.
+
+    One snapshot matters: a killed writer may have sent COMMIT just before it
+    died, and the server applies it a moment later.
+    """
     with app.app_context():
-        state = StateManager().get_state(state_id)
-        history = StateManager().get_state_history(state_id)
-    assert state is not None
-    assert [c["version"] for c in history] == list(range(1, state["version"] + 1))
-    assert history[-1]["new_data"] == state["data"]
-    return int(state["version"])
+        store = StateManager().store
+    engine = store.engine  # type: ignore[attr-defined]
+    isolation = "REPEATABLE READ" if engine.dialect.name == "postgresql" else "SERIALIZABLE"
+    with engine.connect().execution_options(isolation_level=isolation) as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN")
+        version, data = conn.execute(
+            sa.select(store.states.c.version, store.states.c.data).where(  # type: ignore[attr-defined]
+                store.states.c.state_id == state_id
+            )  # type: ignore[attr-defined]
+        ).one()
+        h = store.history_table  # type: ignore[attr-defined]
+        rows = conn.execute(
+            sa.select(h.c.version, h.c.new_data)
+            .where(h.c.state_id == state_id)
+            .order_by(h.c.version)
+        ).all()
+    assert [r.version for r in rows] == list(range(1, version + 1))
+    assert rows[-1].new_data == data
+    return int(version)
 
 
 def test_four_processes_fifty_atomic_increments(
@@ -65,9 +85,7 @@ def test_four_processes_fifty_atomic_increments(
     assert len(history) == 201
     assert [c["version"] for c in history] == list(range(1, 202))
     # Every increment is its own change: old and new counts step by one.
-    assert all(
-        c["new_data"]["count"] == c["old_data"]["count"] + 1 for c in history[1:]
-    )
+    assert all(c["new_data"]["count"] == c["old_data"]["count"] + 1 for c in history[1:])
 
 
 def test_sigkill_mid_write_never_splits_state_and_history(

@@ -482,9 +482,11 @@ class SQLStore(Store):
                     raw: Any = conn.connection.dbapi_connection
                     if not raw.in_transaction:
                         conn.exec_driver_sql("BEGIN IMMEDIATE")
-                stmt = sa.select(*self._state_columns).where(
-                    self.states.c.state_id.in_(sorted(state_ids))
-                ).order_by(self.states.c.state_id)
+                stmt = (
+                    sa.select(*self._state_columns)
+                    .where(self.states.c.state_id.in_(sorted(state_ids)))
+                    .order_by(self.states.c.state_id)
+                )
                 if self.dialect == "postgresql":
                     stmt = stmt.with_for_update()
                 found = {row[0]: _state(row) for row in conn.execute(stmt)}
