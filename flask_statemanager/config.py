@@ -23,8 +23,8 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
     (
         "STATEMANAGER_DATABASE_URI",
         None,
-        "Database URL; None uses the app's Flask-SQLAlchemy engine if present, else a SQLite "
-        "file in the instance folder.",
+        "Database URL (sqlite:///..., postgresql://..., memory://); None means a SQLite file "
+        "in the app's instance folder, unless database_manager was given.",
     ),
     (
         "STATEMANAGER_ENGINE_OPTIONS",

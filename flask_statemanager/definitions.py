@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeAlias
 
@@ -216,14 +216,21 @@ DEFAULT_LIFECYCLE = Lifecycle(DEFAULT_LIFECYCLE_TABLE)
 
 @dataclass(frozen=True, slots=True)
 class TypeDefinition:
-    """Everything the manager knows about one state type."""
+    """Everything the manager knows about one state type.
+
+    :param name: the type name (``"user"``).
+    :param lifecycle: its transitions and statuses.
+    :param default_ttl: seconds a new state lives unless given a ``ttl``.
+    :param indexes: dotted fields declared for search indexes.
+    """
 
     name: str
     lifecycle: Lifecycle = DEFAULT_LIFECYCLE
     default_ttl: float | None = None
     indexes: tuple[str, ...] = ()
-    schema: Any = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    #: The type's own schema (a :class:`~.validation.Validator`), run before
+    #: validators registered with ``register_validator``.
+    validator: Any = None
 
 
 def builtin_types() -> dict[str, TypeDefinition]:

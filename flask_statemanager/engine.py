@@ -284,7 +284,10 @@ def _prepare(
         expires_at=expires_at,
     )
     data_changed = proposal.data is not None or proposal.metadata is not None or live is None
-    for validator in registry.validators.get(type_name, ()):
+    validators = registry.validators.get(type_name, [])
+    if definition.validator is not None:
+        validators = [definition.validator, *validators]
+    for validator in validators:
         if validator.applies_to(proposal.transition, data_changed):
             validator(state, proposal.transition)
     change = Change(
@@ -302,8 +305,8 @@ def _prepare(
 
 
 def is_live(row: State, now: datetime) -> bool:
-    """Not deleted and within its TTL."""
-    return row["status"] != DELETED and not row.is_expired(now)
+    """Neither deleted nor expired (by status or by TTL): what reads return."""
+    return row["status"] not in (DELETED, EXPIRED) and not row.is_expired(now)
 
 
 def needs_expiry(row: State, now: datetime) -> bool:

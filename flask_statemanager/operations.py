@@ -59,7 +59,9 @@ class StateOperations:
         raise ConfigurationError("StateOperations needs a runtime")
 
     @contextmanager
-    def _operation(self, name: str, state_id: str | None = None) -> Iterator[Runtime]:
+    def _operation(
+        self, name: str, state_id: str | None = None, transition: str | None = None
+    ) -> Iterator[Runtime]:
         runtime = self._runtime()
         start = time.perf_counter()
         error: str | None = None
@@ -71,7 +73,7 @@ class StateOperations:
         finally:
             duration_ms = (time.perf_counter() - start) * 1000
             runtime.metrics.observe(name, duration_ms, error)
-            log_state_operation(name, state_id, duration_ms=duration_ms, error=error)
+            log_state_operation(name, state_id, transition, duration_ms, error=error)
 
     # -- definitions ----------------------------------------------------------
 
@@ -109,12 +111,10 @@ class StateOperations:
             lifecycle=lifecycle or DEFAULT_LIFECYCLE,
             default_ttl=check_ttl(default_ttl),
             indexes=tuple(dict.fromkeys(indexes)),
-            schema=schema,
+            validator=None if schema is None else Validator(schema),
         )
         with self._registry.lock:
             self._registry.types[type_name] = definition
-            if schema is not None:
-                self._registry.validators.setdefault(type_name, []).append(Validator(schema))
         return definition
 
     def get_type(self, name: TypeLike) -> TypeDefinition:
@@ -258,10 +258,15 @@ class StateOperations:
     # -- writes ---------------------------------------------------------------
 
     def _write(
-        self, name: str, state_id: Any, build: Callable[[State | None], Proposal], **options: Any
+        self,
+        name: str,
+        state_id: Any,
+        build: Callable[[State | None], Proposal],
+        transition: str = "update",
+        **options: Any,
     ) -> State:
         check_state_id(state_id)
-        with self._operation(name, state_id) as runtime:
+        with self._operation(name, state_id, transition) as runtime:
             return write(self._registry, runtime, state_id, build, **options)
 
     def register_state(
@@ -288,7 +293,12 @@ class StateOperations:
         if proposal.data is None:
             proposal.data = {}
         return self._write(
-            "register_state", state_id, lambda _: proposal, create_type=type_name, actor=actor
+            "register_state",
+            state_id,
+            lambda _: proposal,
+            "create",
+            create_type=type_name,
+            actor=actor,
         )
 
     def update_state(
@@ -329,6 +339,7 @@ class StateOperations:
             "update_state",
             state_id,
             build,
+            proposal.transition,
             expected_version=_version(expected_version),
             actor=actor,
         )
@@ -375,6 +386,7 @@ class StateOperations:
             "transition",
             state_id,
             lambda _: proposal,
+            name,
             expected_version=_version(expected_version),
             actor=actor,
         )
@@ -391,6 +403,7 @@ class StateOperations:
             "delete_state",
             state_id,
             lambda _: Proposal("delete"),
+            "delete",
             expected_version=_version(expected_version),
             actor=actor,
         )
@@ -452,6 +465,7 @@ class StateOperations:
         """Record the EXPIRE change of up to *limit* states whose TTL passed.
 
         Safe to run from several workers at once: each expiry is recorded once.
+
         :returns: how many states this call expired.
         """
         with self._operation("sweep_expired") as runtime:

@@ -162,8 +162,13 @@ class StoreContract:
         assert state["status"] == "suspended" and state["data"] == {"a": 2}
         state = sm.transition("u1", "expire")
         assert state["status"] == "expired"
-        with pytest.raises(InvalidTransitionError):
+        # An expired state reads as absent, however it expired.
+        assert sm.get_state("u1") is None
+        assert sm.get_state("u1", include_expired=True)["version"] == 4
+        assert sm.search_states("user").total == 0
+        with pytest.raises(StateNotFoundError):
             sm.transition("u1", "update")
+        assert sm.register_state("u1", "user", user())["version"] == 5
 
     def test_custom_lifecycle(self, sm: StateManager) -> None:
         sm.register_type(
@@ -581,6 +586,8 @@ class StoreContract:
         sm.register_type("cart", schema=UserData())
         with pytest.raises(StateValidationError):
             sm.register_state("c1", "cart", {"data": {}})
+        sm.register_type("cart")  # redefined without a schema: no longer checked
+        assert sm.register_state("c1", "cart", {"data": {}})["version"] == 1
 
     def test_validator_raising_validation_error(self, sm: StateManager) -> None:
         def strict(state: dict[str, Any]) -> bool:

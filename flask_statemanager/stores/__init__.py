@@ -39,7 +39,9 @@ def _engine(app: Flask | None, settings: Settings, source: Any) -> tuple[Engine,
 
     if isinstance(source, sa.Engine):
         return source, False
-    if hasattr(source, "engines") and hasattr(source, "init_app"):  # Flask-SQLAlchemy
+    from flask_sqlalchemy import SQLAlchemy
+
+    if isinstance(source, SQLAlchemy):
         from flask import has_app_context
 
         if app is not None:

@@ -94,7 +94,7 @@ class Store(ABC):
 
     @abstractmethod
     def query(self, query: Query) -> tuple[list[State], int]:
-        """One page of live, unexpired states matching *query*, and the total count."""
+        """One page of live states (not deleted nor expired) matching *query*, and the total."""
 
     @abstractmethod
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
@@ -110,7 +110,7 @@ class Store(ABC):
 
     @abstractmethod
     def count(self) -> int:
-        """How many states are stored and not deleted."""
+        """How many states are stored and neither deleted nor expired."""
 
     @abstractmethod
     def check(self) -> dict[str, Any]:

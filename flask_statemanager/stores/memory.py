@@ -85,7 +85,7 @@ class MemoryStore(Store):
             rows = [
                 s
                 for s in self._states.values()
-                if s["status"] != DELETED
+                if s["status"] not in (DELETED, EXPIRED)
                 and not s.is_expired(query.now)
                 and (query.type is None or s["type"] == query.type)
                 and all(matches(s, c) for c in query.conditions)
@@ -123,7 +123,7 @@ class MemoryStore(Store):
 
     def count(self) -> int:
         with self._lock:
-            return sum(1 for s in self._states.values() if s["status"] != DELETED)
+            return sum(1 for s in self._states.values() if s["status"] not in (DELETED, EXPIRED))
 
     def check(self) -> dict[str, Any]:
         return {"component": "memory", "states": self.count()}

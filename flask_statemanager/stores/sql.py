@@ -360,7 +360,7 @@ class SQLStore(Store):
     def query(self, query: Query) -> tuple[list[State], int]:
         states = self.states
         where: list[ColumnElement[bool]] = [
-            states.c.status != DELETED,
+            states.c.status.not_in([DELETED, EXPIRED]),
             sa.or_(states.c.expires_at.is_(None), states.c.expires_at > query.now),
         ]
         if query.type is not None:
@@ -456,7 +456,7 @@ class SQLStore(Store):
         stmt = (
             sa.select(sa.func.count())
             .select_from(self.states)
-            .where(self.states.c.status != DELETED)
+            .where(self.states.c.status.not_in([DELETED, EXPIRED]))
         )
         with self._connect() as conn:
             return int(conn.execute(stmt).scalar_one())
