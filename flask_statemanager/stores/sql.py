@@ -234,7 +234,9 @@ class _SQLiteJSON(_JSONDialect):
                     sa.select(sa.literal(1))
                     .select_from(sa.text(f"json_each({column}, '{self._path(path)}') AS item"))
                     .where(
-                        sa.text(f"item.type IN ({listed})"), sa.literal_column("item.value") == item
+                        sa.text(f"item.type IN ({listed})"),
+                        # JSON null has no SQL value to compare: its type says it all.
+                        sa.true() if value is None else sa.literal_column("item.value") == item,
                     )
                 ),
             )
