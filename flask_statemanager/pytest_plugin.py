@@ -7,8 +7,9 @@
     The singleton, reset before and after the test, with ``state_app``'s
     context pushed.
 ``state_factory``
-    ``state_factory(state_type="user", data=None, **options)`` registers a state
-    with a fresh id and returns the record.
+    ``state_factory(state_type="user", data=None, *, state_id=None, **options)``
+    registers a state (a fresh id unless given; options go to ``register_state``)
+    and returns the record.
 
 Each fixture calls ``StateManager.reset_instance()`` before and after the test,
 so definitions and stores never leak between tests.

@@ -90,10 +90,12 @@ class Page(Sequence[State]):
 
     @property
     def has_next(self) -> bool:
+        """Whether a page follows this one."""
         return self.page < self.pages
 
     @property
     def has_prev(self) -> bool:
+        """Whether a page precedes this one."""
         return self.page > 1
 
     def __iter__(self) -> Iterator[State]:

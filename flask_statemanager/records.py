@@ -55,52 +55,66 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class State(dict[str, Any]):
-    """A state record: a mapping with the keys of :data:`STATE_KEYS`."""
+    """A state record: a ``dict`` with the keys ``state_id``, ``name``, ``type``,
+    ``status``, ``data``, ``metadata``, ``version``, ``etag``, ``created_at``,
+    ``updated_at`` and ``expires_at``, readable as attributes too.
+    """
 
     __slots__ = ()
 
     @property
     def state_id(self) -> str:
+        """The id (1-255 characters of ``[A-Za-z0-9_.:@-]``)."""
         return self["state_id"]  # type: ignore[no-any-return]
 
     @property
     def name(self) -> str:
+        """A descriptive name (defaults to the id)."""
         return self["name"]  # type: ignore[no-any-return]
 
     @property
     def type(self) -> str:
+        """The type name, such as ``"user"``."""
         return self["type"]  # type: ignore[no-any-return]
 
     @property
     def status(self) -> str:
+        """The lifecycle status, such as ``"active"``."""
         return self["status"]  # type: ignore[no-any-return]
 
     @property
     def data(self) -> dict[str, Any]:
+        """The application's JSON object."""
         return self["data"]  # type: ignore[no-any-return]
 
     @property
     def metadata(self) -> dict[str, Any]:
+        """JSON metadata; ``metadata["version"]`` is the schema version."""
         return self["metadata"]  # type: ignore[no-any-return]
 
     @property
     def version(self) -> int:
+        """Starts at 1 and grows by exactly 1 per committed change."""
         return self["version"]  # type: ignore[no-any-return]
 
     @property
     def etag(self) -> str:
+        """The version as a string, for HTTP ``ETag``/``If-Match``."""
         return self["etag"]  # type: ignore[no-any-return]
 
     @property
     def created_at(self) -> datetime:
+        """When this state (this life of the id) was registered, UTC."""
         return self["created_at"]  # type: ignore[no-any-return]
 
     @property
     def updated_at(self) -> datetime:
+        """When the last change was committed, UTC."""
         return self["updated_at"]  # type: ignore[no-any-return]
 
     @property
     def expires_at(self) -> datetime | None:
+        """When the TTL ends, UTC, or ``None``."""
         return self["expires_at"]  # type: ignore[no-any-return]
 
     def is_expired(self, now: datetime) -> bool:
@@ -117,44 +131,56 @@ class State(dict[str, Any]):
 
 
 class Change(dict[str, Any]):
-    """A history entry: a mapping with the keys of :data:`CHANGE_KEYS`."""
+    """A history entry: a ``dict`` with the keys ``change_id``, ``state_id``,
+    ``version``, ``transition``, ``old_data``, ``new_data``, ``actor``,
+    ``metadata`` and ``created_at``, readable as attributes too.
+    """
 
     __slots__ = ()
 
     @property
     def change_id(self) -> str:
+        """A unique id of this history entry."""
         return self["change_id"]  # type: ignore[no-any-return]
 
     @property
     def state_id(self) -> str:
+        """The state this entry belongs to."""
         return self["state_id"]  # type: ignore[no-any-return]
 
     @property
     def version(self) -> int:
+        """The state's version after this change."""
         return self["version"]  # type: ignore[no-any-return]
 
     @property
     def transition(self) -> str:
+        """The transition name, such as ``"suspend"``."""
         return self["transition"]  # type: ignore[no-any-return]
 
     @property
     def old_data(self) -> dict[str, Any] | None:
+        """``data`` before the change (``None`` on create)."""
         return self["old_data"]  # type: ignore[no-any-return]
 
     @property
     def new_data(self) -> dict[str, Any] | None:
+        """``data`` after the change (``None`` on delete)."""
         return self["new_data"]  # type: ignore[no-any-return]
 
     @property
     def actor(self) -> str | None:
+        """Who made the change, as passed by the caller (``"ttl"`` for expiry)."""
         return self["actor"]  # type: ignore[no-any-return]
 
     @property
     def metadata(self) -> dict[str, Any]:
+        """``from_status``, ``to_status`` and details such as ``rollback_to``."""
         return self["metadata"]  # type: ignore[no-any-return]
 
     @property
     def created_at(self) -> datetime:
+        """When the change was committed, UTC."""
         return self["created_at"]  # type: ignore[no-any-return]
 
     def to_json(self) -> dict[str, Any]:
