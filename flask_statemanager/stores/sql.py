@@ -287,6 +287,7 @@ class SQLStore(Store):
         self.engine = engine
         self.prefix = table_prefix
         self._owns_engine = owns_engine
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.metadata, self.states, self.history_table = _tables(table_prefix)
         self.dialect = engine.dialect.name
         self.embedded = self.dialect == "sqlite"
@@ -300,6 +301,18 @@ class SQLStore(Store):
         self._select_one = sa.select(*self._state_columns).where(
             states.c.state_id == sa.bindparam("state_id")
         )
+        self._select_many = sa.select(*self._state_columns).where(
+            states.c.state_id.in_(sa.bindparam("ids", expanding=True))
+        )
+        # Rows a write reads, locked until commit on PostgreSQL (in id order, so
+        # multi-state writes cannot deadlock); SQLite's BEGIN IMMEDIATE locks all.
+        self._select_locked = (
+            sa.select(*self._state_columns)
+            .where(states.c.state_id.in_(sa.bindparam("ids", expanding=True)))
+            .order_by(states.c.state_id)
+        )
+        if self.dialect == "postgresql":
+            self._select_locked = self._select_locked.with_for_update()
         self._insert_state = states.insert()
         self._update_state = (
             states.update()
@@ -315,7 +328,7 @@ class SQLStore(Store):
     # -- schema -------------------------------------------------------------
 
     def setup(self, types: Iterable[TypeDefinition]) -> None:
-        with self._connect() as conn:
+        with self._connect(self.engine) as conn:
             self.metadata.create_all(conn, checkfirst=True)
             for field in sorted({f for t in types for f in t.indexes}):
                 conn.execute(CreateIndex(self._declared_index(field), if_not_exists=True))
@@ -335,9 +348,15 @@ class SQLStore(Store):
     # -- reads --------------------------------------------------------------
 
     @contextmanager
-    def _connect(self) -> Iterator[Connection]:
+    def _connect(self, engine: Engine | None = None) -> Iterator[Connection]:
+        """A pooled connection; by default autocommit, for reads.
+
+        Each read is a single statement, so it needs no transaction: autocommit
+        spares the BEGIN and the ROLLBACK on return to the pool (two round trips
+        on PostgreSQL).
+        """
         try:
-            with self.engine.connect() as conn:
+            with (engine or self._reader).connect() as conn:
                 yield conn
         except OperationalError as exc:
             raise BackendUnavailableError(
@@ -352,11 +371,8 @@ class SQLStore(Store):
     def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
         if not state_ids:
             return {}
-        stmt = sa.select(*self._state_columns).where(
-            self.states.c.state_id.in_(sa.bindparam("ids", expanding=True))
-        )
         with self._connect() as conn:
-            rows = conn.execute(stmt, {"ids": list(state_ids)}).all()
+            rows = conn.execute(self._select_many, {"ids": list(state_ids)}).all()
         return {row[0]: _state(row) for row in rows}
 
     def query(self, query: Query) -> tuple[list[State], int]:
@@ -484,14 +500,8 @@ class SQLStore(Store):
                     raw: Any = conn.connection.dbapi_connection
                     if not raw.in_transaction:
                         conn.exec_driver_sql("BEGIN IMMEDIATE")
-                stmt = (
-                    sa.select(*self._state_columns)
-                    .where(self.states.c.state_id.in_(sorted(state_ids)))
-                    .order_by(self.states.c.state_id)
-                )
-                if self.dialect == "postgresql":
-                    stmt = stmt.with_for_update()
-                found = {row[0]: _state(row) for row in conn.execute(stmt)}
+                rows = conn.execute(self._select_locked, {"ids": sorted(state_ids)})
+                found = {row[0]: _state(row) for row in rows}
                 writes = plan({i: found.get(i) for i in state_ids})
                 for write in writes:
                     self._write(conn, write)
