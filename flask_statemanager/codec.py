@@ -75,8 +75,8 @@ def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
     )
 
 
-def check_document(value: Any, field: str, *, max_depth: int) -> None:
-    """Raise unless *value* is a JSON object within the nesting limit.
+def check_document(value: Any, field: str, *, max_depth: int) -> int:
+    """Check that *value* is a JSON object within the nesting limit; return its encoded size.
 
     :raises StateValidationError: not a ``dict`` or holds a non-JSON value.
     :raises StateLimitError: nested deeper than *max_depth*.
@@ -96,9 +96,15 @@ def check_document(value: Any, field: str, *, max_depth: int) -> None:
             value=max_depth + 1,
             maximum=max_depth,
         ) from None
-    if problem is None:
-        return
-    raise StateValidationError(f"Not JSON-serialisable: {problem}.", {field: [problem]})
+    if problem is not None:
+        raise StateValidationError(f"Not JSON-serialisable: {problem}.", {field: [problem]})
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in a string
+        raise StateValidationError(
+            f"Not JSON-serialisable: {field}: {exc}; strings must be valid Unicode text.",
+            {field: [str(exc)]},
+        ) from None
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

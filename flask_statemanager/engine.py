@@ -244,11 +244,10 @@ def _prepare(
     metadata = (
         proposal.metadata if proposal.metadata is not None else (live["metadata"] if live else {})
     )
-    codec.check_document(data, "data", max_depth=settings.max_depth)
-    codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
+    size = codec.check_document(data, "data", max_depth=settings.max_depth)
+    size += codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
     if live is None:
         metadata = {"version": "1.0", **metadata}
-    size = len(codec.dumps(data)) + len(codec.dumps(metadata))
     if size > settings.max_state_bytes:
         raise StateLimitError(
             f"State {state_id!r} would be {size} bytes, over the {settings.max_state_bytes}-byte "

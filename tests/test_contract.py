@@ -493,6 +493,8 @@ class StoreContract:
             {1: "int key"},
             {"big": 2**70},
             {"o": object()},
+            {"lone_surrogate": "\ud800"},
+            {"\udfff": "surrogate key"},
         ],
     )
     def test_non_json_data_is_refused(self, sm: StateManager, data: Any) -> None:
