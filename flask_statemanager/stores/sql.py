@@ -16,7 +16,7 @@ expression indexes ``(type, <json expression>, state_id)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -90,17 +90,20 @@ class SQLStore(Store):
             raise self._unavailable(exc) from exc
 
     @contextmanager
-    def _raw(self, *, write: bool = False) -> Iterator[Any]:
-        """A pooled DBAPI connection: autocommit for reads, a transaction for writes.
+    def _raw(self) -> Iterator[Any]:
+        """A pooled DBAPI connection in autocommit mode; writes say BEGIN themselves.
 
-        A broken connection is invalidated, so the pool replaces it.
+        Autocommit spares a single-statement read the BEGIN and the ROLLBACK on
+        return to the pool. A broken connection is invalidated, so the pool
+        replaces it.
         """
         try:
             fairy = self.engine.raw_connection()
         except sa.exc.DBAPIError as exc:
             raise self._unavailable(exc) from exc
         raw: Any = fairy.dbapi_connection
-        autocommit = self._sql.postgres and not write
+        # sqlite3 already leaves statements alone until told BEGIN (outside DML).
+        autocommit = self._sql.postgres
         try:
             if autocommit:
                 raw.autocommit = True
@@ -247,36 +250,54 @@ class SQLStore(Store):
 
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
         sql = self._sql
-        with self._raw(write=True) as raw:
+        with self._raw() as raw:
             try:
-                cursor = raw.cursor()
-                if not sql.postgres and not raw.in_transaction:
-                    # Take SQLite's write lock now, not at the first UPDATE: a
-                    # reader upgrading later could fail instead of waiting.
-                    cursor.execute("BEGIN IMMEDIATE")
-                rows = cursor.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
-                found = {row[0]: sql.state(row) for row in rows}
-                writes = plan({i: found.get(i) for i in state_ids})
-                for write in writes:
-                    state = write.state
-                    if write.expected_version == 0:
-                        cursor.execute(sql.insert_state, sql.state_params(state))
-                    else:
-                        cursor.execute(
-                            sql.update_state, sql.state_params(state, write.expected_version)
-                        )
+                with self._pipeline(raw) as flush:
+                    # SQLite: take the write lock now, not at the first UPDATE,
+                    # where a reader upgrading could fail instead of waiting.
+                    raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
+                    rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
+                    found = {row[0]: sql.state(row) for row in rows}
+                    writes = plan({i: found.get(i) for i in state_ids})
+                    updates = []
+                    for write in writes:
+                        state = write.state
+                        if write.expected_version == 0:
+                            raw.execute(sql.insert_state, sql.state_params(state))
+                        else:
+                            params = sql.state_params(state, write.expected_version)
+                            updates.append((raw.execute(sql.update_state, params), state))
+                        raw.execute(sql.insert_change, sql.change_params(write.change))
+                    flush()
+                    for cursor, state in updates:
                         if cursor.rowcount != 1:
                             raise VersionMismatch(state["state_id"], None)
-                    cursor.execute(sql.insert_change, sql.change_params(write.change))
-                raw.commit()
+                    raw.execute("COMMIT")
             except self._dbapi_errors.IntegrityError as exc:
                 # Two writers raced to insert the same new id: the loser rolls back.
-                raw.rollback()
+                raw.execute("ROLLBACK")
                 raise VersionMismatch(state_ids[0], None) from exc
             except BaseException:
-                raw.rollback()
+                if raw.info.transaction_status if sql.postgres else raw.in_transaction:
+                    raw.execute("ROLLBACK")
                 raise
         return writes
+
+    @contextmanager
+    def _pipeline(self, raw: Any) -> Iterator[Callable[[], None]]:
+        """On PostgreSQL, batch statements into few round trips (psycopg pipeline mode).
+
+        BEGIN travels with the locking SELECT, the UPDATEs and INSERTs of a batch
+        together, and COMMIT alone: three round trips for any number of states.
+        Yields the function that sends what is queued and waits for the results,
+        so compare-and-set row counts are checked before COMMIT. SQLite runs
+        in-process: nothing to batch.
+        """
+        if not self._sql.postgres:
+            yield lambda: None
+            return
+        with raw.pipeline() as pipeline:
+            yield pipeline.sync
 
     def reset(self) -> None:
         with self.engine.begin() as conn:
