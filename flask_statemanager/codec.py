@@ -17,6 +17,7 @@ import orjson
 from .errors import StateLimitError, StateValidationError
 
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_NUL_PROBLEM = "contains a NUL character (\\x00), which databases cannot store"
 
 
 def dumps(value: Any) -> bytes:
@@ -46,7 +47,9 @@ def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
     :raises _TooDeep: nesting exceeds *max_depth*.
     """
     kind = type(value)
-    if kind is str or value is None or kind is bool:
+    if kind is str:
+        return f"{path}: {_NUL_PROBLEM}" if "\x00" in value else None
+    if value is None or kind is bool:
         return None
     if kind is int:
         if _INT_MIN <= value <= _INT_MAX:
@@ -60,9 +63,12 @@ def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
         if depth >= max_depth:
             raise _TooDeep(path)
         items = value.items() if kind is dict else enumerate(value)
+        key: Any
         for key, item in items:
             if kind is dict and type(key) is not str:
                 return f"{path}: key {key!r} is not a string; JSON object keys are strings"
+            if kind is dict and "\x00" in key:
+                return f"{path}: key {key!r}: {_NUL_PROBLEM}"
             found = _problem(
                 item, f"{path}.{key}" if kind is dict else f"{path}[{key}]", depth + 1, max_depth
             )
@@ -73,6 +79,23 @@ def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
         f"{path}: {kind.__name__} is not a JSON value; use str, int, float, bool, None, "
         "list or dict"
     )
+
+
+def check_text(value: Any, field: str, *, max_length: int = 255) -> str:
+    """Return *value* if it is storable text of 1 to *max_length* characters, else raise."""
+    problem = None
+    if not isinstance(value, str) or not 0 < len(value) <= max_length:
+        problem = f"must be a string of 1-{max_length} characters"
+    elif "\x00" in value:
+        problem = _NUL_PROBLEM
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "must be valid Unicode text (no lone surrogates)"
+    if problem is not None:
+        raise StateValidationError(f"{field} {problem}.", {field: [problem]})
+    return value  # type: ignore[no-any-return]
 
 
 def check_document(value: Any, field: str, *, max_depth: int) -> int:

@@ -18,7 +18,7 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
     (
         "STATEMANAGER_STORE",
         None,
-        "Store kind: 'sql', 'memory' (or 'redis' later); None picks it from the database URI.",
+        "Store kind: 'sql' or 'memory'; None picks it from the database URI.",
     ),
     (
         "STATEMANAGER_DATABASE_URI",

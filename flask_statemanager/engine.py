@@ -139,10 +139,8 @@ def parse_payload(payload: Any, argument: str, type_name: str | None) -> Proposa
                 {"type": [f"Does not match {type_name!r}."]},
             )
     name = payload.get("name")
-    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 255):
-        raise StateValidationError(
-            "name must be a string of 1-255 characters.", {"name": ["1-255 characters."]}
-        )
+    if name is not None:
+        codec.check_text(name, "name")
     return Proposal("update", data=payload.get("data"), name=name, metadata=payload.get("metadata"))
 
 
@@ -170,10 +168,8 @@ def write(
             f"expected_version must be a positive integer, got {expected_version!r}.",
             {"expected_version": ["A positive integer (the state's version or etag)."]},
         )
-    if actor is not None and (not isinstance(actor, str) or len(actor) > 255):
-        raise StateValidationError(
-            "actor must be a string of at most 255 characters.", {"actor": ["Too long."]}
-        )
+    if actor is not None:
+        codec.check_text(actor, "actor")
     attempts = attempts or runtime.settings.write_retries
     committed: list[tuple[Write, State | None]] = []
 

@@ -416,10 +416,13 @@ class StateOperations:
         retries: int = 5,
         actor: str | None = None,
     ) -> State:
-        """Read, compute ``fn(data)``, compare-and-set; on a lost race retry from a fresh read.
+        """Read, compute ``fn(data)``, compare-and-set: an update that loses no increment.
 
-        *fn* gets a private copy of ``data`` and returns the new ``data``; it may
-        run more than once, so it should have no side effects.
+        The store reads the state under its lock (SQL row lock, SQLite write
+        lock), so concurrent atomic updates queue; a store without locks
+        retries from a fresh read on a lost compare-and-set. *fn* gets a
+        private copy of ``data`` and returns the new ``data``; it may run more
+        than once, so it should have no side effects.
 
         :raises StateConflictError: still losing after *retries* retries.
         """

@@ -169,19 +169,33 @@ def _check_scalar(field: str, root: str, op: str, value: Any) -> Any:
         if type(value) is not int:
             raise _invalid(field, "version is compared with an integer")
         return value
-    if root in COLUMNS:
-        if not isinstance(value, str):
-            raise _invalid(field, f"{root} is compared with a string")
-        return value
+    if root in COLUMNS and not isinstance(value, str):
+        raise _invalid(field, f"{root} is compared with a string")
     if not isinstance(value, _SCALARS):
         raise _invalid(field, "compare JSON fields with a string, number, boolean or None")
     if isinstance(value, float) and not math.isfinite(value):
         raise _invalid(field, "NaN and infinity are not JSON numbers")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise _invalid(field, "integers are compared within 64 bits")
+    if isinstance(value, str) and (
+        "\x00" in value or not value.isascii() and not _encodable(value)
+    ):
+        raise _invalid(field, "strings must be valid Unicode text without NUL characters")
+    if root in COLUMNS:
+        return value
     if op in _RANGE_OPS and (value is None or isinstance(value, bool)):
         raise _invalid(field, f"__{op} compares with a number or a string")
     if op == "contains" and not isinstance(value, _SCALARS):
         raise _invalid(field, "__contains takes a string (substring) or a scalar (list item)")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_conditions(filters: Mapping[str, Any] | None) -> tuple[Condition, ...]:
@@ -230,8 +244,8 @@ def parse_order(order_by: str) -> Order:
 def check_paging(page: int, per_page: int, max_per_page: int) -> None:
     """Raise :class:`StateValidationError` for a page or page size out of range."""
     problems: dict[str, list[str]] = {}
-    if type(page) is not int or page < 1:
-        problems["page"] = ["Pages are numbered from 1."]
+    if type(page) is not int or not 1 <= page <= 10**9:
+        problems["page"] = ["Pages are numbered from 1 to 10**9."]
     if type(per_page) is not int or not 1 <= per_page <= max_per_page:
         problems["per_page"] = [
             f"Must be between 1 and {max_per_page} (STATEMANAGER_MAX_PER_PAGE)."

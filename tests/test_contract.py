@@ -437,6 +437,10 @@ class StoreContract:
             {"status": 3},
             {"created_at__gt": "yesterday"},
             {"status__exists": True},
+            {"data.a": "nul\x00"},
+            {"data.a": "\ud800"},
+            {"data.a__gt": 10**23},
+            {"name": "\x00"},
         ],
     )
     def test_bad_filters_are_typed_errors(self, sm: StateManager, filters: Any) -> None:
@@ -448,6 +452,7 @@ class StoreContract:
         "kwargs",
         [
             {"per_page": 0},
+            {"page": 10**23},
             {"per_page": 10_000},
             {"page": 0},
             {"per_page": "5"},
@@ -494,6 +499,8 @@ class StoreContract:
             {"big": 2**70},
             {"o": object()},
             {"lone_surrogate": "\ud800"},
+            {"nul": "a\x00b"},
+            {"nul\x00key": 1},
             {"\udfff": "surrogate key"},
         ],
     )
@@ -540,6 +547,24 @@ class StoreContract:
             sm.register_state("deep", "user", {"data": deep})
         assert depth.value.limit == "depth"
         assert sm.search_states("user").total == 0
+
+    @pytest.mark.parametrize("text", ["\ud800", "a\x00b", "", "x" * 256])
+    def test_bad_names_and_actors(self, sm: StateManager, text: str) -> None:
+        with pytest.raises(StateValidationError) as info:
+            sm.register_state("u1", "user", {"name": text, "data": {}})
+        assert "name" in info.value.messages
+        with pytest.raises(StateValidationError) as info:
+            sm.register_state("u1", "user", user(), actor=text)
+        assert "actor" in info.value.messages
+        assert sm.get_state("u1") is None
+
+    def test_unicode_is_stored_exactly(self, sm: StateManager) -> None:
+        text = "Zimbabwe 🇿🇼 — ñ ü 漢字 \u2028"
+        sm.register_state("u1", "user", {"name": text, "data": {text: [text]}}, actor=text)
+        state = sm.get_state("u1")
+        assert state["name"] == text and state["data"] == {text: [text]}
+        assert sm.get_state_history("u1")[0]["actor"] == text
+        assert [s["state_id"] for s in sm.search_states("user", {"name": text})] == ["u1"]
 
     def test_unknown_type_and_bad_arguments(self, sm: StateManager) -> None:
         with pytest.raises(StateValidationError):
