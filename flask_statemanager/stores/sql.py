@@ -259,20 +259,20 @@ class SQLStore(Store):
                     rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
                     found = {row[0]: sql.state(row) for row in rows}
                     writes = plan({i: found.get(i) for i in state_ids})
-                    updates = []
+                    checks = []
                     for write in writes:
-                        state = write.state
-                        if write.expected_version == 0:
-                            raw.execute(sql.insert_state, sql.state_params(state))
-                        else:
-                            params = sql.state_params(state, write.expected_version)
-                            updates.append((raw.execute(sql.update_state, params), state))
-                        raw.execute(sql.insert_change, sql.change_params(write.change))
-                    flush()
-                    for cursor, state in updates:
-                        if cursor.rowcount != 1:
-                            raise VersionMismatch(state["state_id"], None)
+                        for statement, params, counted in sql.write(write):
+                            cursor = raw.execute(statement, params)
+                            if counted:
+                                checks.append((cursor, write.state["state_id"]))
+                    # On PostgreSQL one write is a single statement that writes
+                    # nothing if its compare-and-set lost, so COMMIT goes in the
+                    # same round trip; otherwise check every write first.
+                    if not (sql.postgres and len(writes) == 1):
+                        flush()
+                        _check(checks)
                     raw.execute("COMMIT")
+                _check(checks)
             except self._dbapi_errors.IntegrityError as exc:
                 # Two writers raced to insert the same new id: the loser rolls back.
                 raw.execute("ROLLBACK")
@@ -307,6 +307,12 @@ class SQLStore(Store):
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()
+
+
+def _check(executed: Sequence[tuple[Any, str]]) -> None:
+    for cursor, state_id in executed:
+        if cursor.rowcount != 1:
+            raise VersionMismatch(state_id, None)
 
 
 def _state(row: Any) -> State:

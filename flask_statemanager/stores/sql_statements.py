@@ -19,6 +19,7 @@ from sqlalchemy.engine import Dialect
 
 from .. import codec
 from ..records import Change, State
+from .base import Write
 from .sql_tables import SQLITE_TIME_FORMAT
 
 _STATE_COLUMNS = (
@@ -55,8 +56,8 @@ class Statements:
         prep = dialect.identifier_preparer
         s, h = prep.format_table(states), prep.format_table(history)
 
-        def param(name: str) -> str:
-            marker = f"%({name})s" if self.postgres else f":{name}"
+        def param(name: str, prefix: str = "") -> str:
+            marker = f"%({prefix}{name})s" if self.postgres else f":{prefix}{name}"
             # JSON travels as text (encoded by orjson) and becomes jsonb server-side.
             return f"{marker}::jsonb" if self.postgres and name in _JSON_COLUMNS else marker
 
@@ -89,6 +90,15 @@ class Statements:
             f"INSERT INTO {h} ({', '.join(_CHANGE_COLUMNS)}) "
             f"VALUES ({', '.join(param(c) for c in _CHANGE_COLUMNS)})"
         )
+        # PostgreSQL: the compare-and-set and the history append in one statement.
+        # The history row is inserted only if the state row was written, so a
+        # lost compare-and-set writes neither, and shows as a row count of 0.
+        append = (
+            f"INSERT INTO {h} ({', '.join(_CHANGE_COLUMNS)}) "
+            f"SELECT {', '.join(param(c, 'c_') for c in _CHANGE_COLUMNS)} FROM cas"
+        )
+        self.cas_insert = f"WITH cas AS ({self.insert_state} RETURNING 1) {append}"
+        self.cas_update = f"WITH cas AS ({self.update_state} RETURNING 1) {append}"
 
     # -- values ----------------------------------------------------------------
 
@@ -140,6 +150,18 @@ class Statements:
             "metadata": codec.dumps_str(change["metadata"]),
             "created_at": self._time_out(change["created_at"]),
         }
+
+    def write(self, write: Write) -> list[tuple[str, dict[str, Any], bool]]:
+        """The statements of one write: SQL, parameters, and whether exactly one row
+        must be affected (a compare-and-set that lost affects none)."""
+        create = write.expected_version == 0
+        state = self.state_params(write.state, None if create else write.expected_version)
+        change = self.change_params(write.change)
+        if self.postgres:
+            params = state | {f"c_{k}": v for k, v in change.items()}
+            return [(self.cas_insert if create else self.cas_update, params, True)]
+        first = (self.insert_state, state, False) if create else (self.update_state, state, True)
+        return [first, (self.insert_change, change, False)]
 
     def state(self, row: Sequence[Any]) -> State:
         """The record of a row selected by one of the statements above."""
