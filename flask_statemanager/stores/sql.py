@@ -147,11 +147,17 @@ class SQLStore(Store):
         if query.type is not None:
             where.insert(0, states.c.type == query.type)
         where.extend(self._condition(c) for c in query.conditions)
+        # Order by the column, then state_id so pages never overlap. Only
+        # expires_at can be NULL (sorted last, as in the memory store); plain
+        # keys let a declared index (type, field, state_id) deliver the order.
         order_column = states.c[query.order.root]
-        if query.order.descending:
-            order = [order_column.desc().nulls_last(), states.c.state_id.desc()]
-        else:
-            order = [order_column.asc().nulls_last(), states.c.state_id.asc()]
+        order = [order_column.desc() if query.order.descending else order_column.asc()]
+        if order_column.nullable:
+            order = [order[0].nulls_last()]
+        if query.order.root != "state_id":
+            order.append(
+                states.c.state_id.desc() if query.order.descending else states.c.state_id.asc()
+            )
         page = (
             sa.select(*self._state_columns)
             .where(*where)
