@@ -379,7 +379,7 @@ _PG_WHERE = (
 )
 PG_SEARCH = (
     f"SELECT {_SELECT_COLUMNS} FROM statemanager_states {_PG_WHERE} "
-    "ORDER BY statemanager_states.state_id ASC NULLS LAST, statemanager_states.state_id ASC "
+    "ORDER BY statemanager_states.state_id ASC "
     "LIMIT %s::INTEGER OFFSET %s::INTEGER"
 )
 PG_COUNT = f"SELECT count(*) AS count_1 FROM statemanager_states {_PG_WHERE}"
@@ -620,7 +620,7 @@ _SQ_WHERE = (
 )
 SQ_SEARCH = (
     f"SELECT {_SELECT_COLUMNS} FROM statemanager_states {_SQ_WHERE} "
-    "ORDER BY statemanager_states.state_id ASC NULLS LAST, statemanager_states.state_id ASC "
+    "ORDER BY statemanager_states.state_id ASC "
     "LIMIT ? OFFSET ?"
 )
 SQ_COUNT = f"SELECT count(*) AS count_1 FROM statemanager_states {_SQ_WHERE}"
