@@ -163,9 +163,10 @@ class Lifecycle:
             else:
                 src = frozenset(sources)
             rules[name] = Rule(src, target)
-        if "create" not in rules or rules["create"].sources != frozenset():
+        create = rules.get("create")
+        if create is None or create.sources != frozenset() or not create.target:
             raise ConfigurationError(
-                "A lifecycle needs a 'create' transition from None, e.g. "
+                "A lifecycle needs a 'create' transition from None to a status, e.g. "
                 "{'create': (None, 'new'), ...}."
             )
         # Deleting is always possible; a table may still restrict it.

@@ -264,8 +264,9 @@ def _prepare(
     else:
         expires_at = live["expires_at"] if live is not None else None
     version = (base["version"] if base is not None else 0) + 1
-    new_status = rule.target or status
-    state = State(
+    new_status = rule.target if rule.target is not None else status
+    assert new_status is not None  # Lifecycle makes "create" name its status
+    state = State.from_columns(
         state_id=state_id,
         name=proposal.name or (live["name"] if live else state_id),
         type=type_name,
@@ -273,7 +274,6 @@ def _prepare(
         data=data,
         metadata=metadata,
         version=version,
-        etag=str(version),
         created_at=live["created_at"] if live else now,
         updated_at=now,
         expires_at=expires_at,

@@ -25,6 +25,9 @@ STATE_KEYS = (
     "expires_at",
 )
 
+#: The stored columns of a state, in the order stores select them; the etag is derived.
+STATE_COLUMNS = tuple(key for key in STATE_KEYS if key != "etag")
+
 CHANGE_KEYS = (
     "change_id",
     "state_id",
@@ -61,6 +64,35 @@ class State(dict[str, Any]):
     """
 
     __slots__ = ()
+
+    @classmethod
+    def from_columns(
+        cls,
+        state_id: str,
+        name: str,
+        type: str,
+        status: str,
+        data: dict[str, Any],
+        metadata: dict[str, Any],
+        version: int,
+        created_at: datetime,
+        updated_at: datetime,
+        expires_at: datetime | None,
+    ) -> State:
+        """Build a record from its stored columns (:data:`STATE_COLUMNS` order)."""
+        return cls(
+            state_id=state_id,
+            name=name,
+            type=type,
+            status=status,
+            data=data,
+            metadata=metadata,
+            version=version,
+            etag=str(version),
+            created_at=created_at,
+            updated_at=updated_at,
+            expires_at=expires_at,
+        )
 
     @property
     def state_id(self) -> str:

@@ -158,6 +158,8 @@ def test_bad_type_definitions() -> None:
         manager.register_type("cart", indexes=["status"])
     with pytest.raises(ConfigurationError):
         manager.register_type("cart", lifecycle={"pay": ("new", "paid")})
+    with pytest.raises(ConfigurationError):
+        manager.register_type("cart", lifecycle={"create": (None, None)})
     with pytest.raises(TypeError):
         manager.register_validator("user", 42)  # type: ignore[arg-type]
 

@@ -29,7 +29,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..errors import BackendUnavailableError
 from ..query import Condition, Query
-from ..records import CHANGE_KEYS, STATE_KEYS, Change, State
+from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
 from .base import Plan, Store, VersionMismatch, Write
 from .sql_json import column_name, compare, json_dialect
 from .sql_statements import Statements
@@ -57,7 +57,7 @@ class SQLStore(Store):
         self._json = json_dialect(self.dialect)
         self._sql = Statements(engine.dialect, self.states, self.history_table)
         self._state_columns = [
-            self.states.c[k if k != "metadata" else "meta"] for k in STATE_KEYS if k != "etag"
+            self.states.c[k if k != "metadata" else "meta"] for k in STATE_COLUMNS
         ]
         h = self.history_table
         self._change_columns = [h.c[k if k != "metadata" else "meta"] for k in CHANGE_KEYS]
@@ -322,20 +322,7 @@ def _check(executed: Sequence[tuple[Any, str]]) -> None:
 
 
 def _state(row: Any) -> State:
-    (state_id, name, type_, status, data, meta, version, created_at, updated_at, expires_at) = row
-    return State(
-        state_id=state_id,
-        name=name,
-        type=type_,
-        status=status,
-        data=data,
-        metadata=meta,
-        version=version,
-        etag=str(version),
-        created_at=created_at,
-        updated_at=updated_at,
-        expires_at=expires_at,
-    )
+    return State.from_columns(*row)
 
 
 def _change(row: Any) -> Change:

@@ -18,33 +18,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
 from .. import codec
-from ..records import Change, State
+from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
 from .base import Write
 from .sql_tables import SQLITE_TIME_FORMAT
 
-_STATE_COLUMNS = (
-    "state_id",
-    "name",
-    "type",
-    "status",
-    "data",
-    "metadata",
-    "version",
-    "created_at",
-    "updated_at",
-    "expires_at",
-)
-_CHANGE_COLUMNS = (
-    "change_id",
-    "state_id",
-    "version",
-    "transition",
-    "old_data",
-    "new_data",
-    "actor",
-    "metadata",
-    "created_at",
-)
+_STATE_COLUMNS = STATE_COLUMNS
+_CHANGE_COLUMNS = CHANGE_KEYS
 _JSON_COLUMNS = frozenset({"data", "metadata", "old_data", "new_data"})
 
 
@@ -107,9 +86,7 @@ class Statements:
             return value
         return value.astimezone(UTC).strftime(SQLITE_TIME_FORMAT)
 
-    def _time_in(self, value: Any) -> datetime | None:
-        if value is None:
-            return None
+    def _time_in(self, value: Any) -> datetime:
         if self.postgres:
             return value.astimezone(UTC)  # type: ignore[no-any-return]
         return datetime.fromisoformat(value).replace(tzinfo=UTC)
@@ -165,17 +142,15 @@ class Statements:
 
     def state(self, row: Sequence[Any]) -> State:
         """The record of a row selected by one of the statements above."""
-        version = row[6]
-        return State(
-            state_id=row[0],
-            name=row[1],
-            type=row[2],
-            status=row[3],
-            data=codec.loads(row[4]),
-            metadata=codec.loads(row[5]),
-            version=version,
-            etag=str(version),
-            created_at=self._time_in(row[7]),
-            updated_at=self._time_in(row[8]),
-            expires_at=self._time_in(row[9]),
+        return State.from_columns(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            codec.loads(row[4]),
+            codec.loads(row[5]),
+            row[6],
+            self._time_in(row[7]),
+            self._time_in(row[8]),
+            None if row[9] is None else self._time_in(row[9]),
         )
