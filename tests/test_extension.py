@@ -186,3 +186,25 @@ def test_declared_index_is_used_by_search(tmp_path: Path) -> None:
         assert "ix_statemanager_states_data_status" in plan
         page = manager.search_states("user", {"data.status": "s1"}, order_by="state_id")
         assert page.total == 10
+
+
+def test_unreachable_database_is_a_typed_error_and_unhealthy(tmp_path: Path) -> None:
+    from flask_statemanager import BackendUnavailableError
+
+    app = make_app(
+        tmp_path,
+        STATEMANAGER_DATABASE_URI="postgresql://app:s3cret@127.0.0.1:9/nowhere",
+        STATEMANAGER_ENGINE_OPTIONS={"connect_args": {"connect_timeout": 2}},
+    )
+    manager = StateManager()
+    manager.init_app(app)  # no DDL at start-up for a server database
+    with app.app_context():
+        with pytest.raises(BackendUnavailableError) as info:
+            manager.get_state("u1")
+        assert "s3cret" not in str(info.value) and "nowhere" not in str(info.value)
+        with pytest.raises(BackendUnavailableError):
+            manager.register_state("u1", "user", {"data": {}})
+        health = manager.get_health_status()
+        assert health["status"] == "unhealthy"
+        assert health["checks"]["database"]["status"] == "down"
+        assert "s3cret" not in str(health)

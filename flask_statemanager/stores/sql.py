@@ -94,12 +94,13 @@ class SQLStore(Store):
         """A pooled DBAPI connection in autocommit mode; writes say BEGIN themselves.
 
         Autocommit spares a single-statement read the BEGIN and the ROLLBACK on
-        return to the pool. A broken connection is invalidated, so the pool
-        replaces it.
+        return to the pool. A connection the server dropped (a restart, an idle
+        timeout) is discarded with every other pooled one, which are as dead,
+        and reported as :class:`_Stale` so callers can run once more.
         """
         try:
             fairy = self.engine.raw_connection()
-        except sa.exc.DBAPIError as exc:
+        except (sa.exc.DBAPIError, self._dbapi_errors.Error) as exc:
             raise self._unavailable(exc) from exc
         raw: Any = fairy.dbapi_connection
         # sqlite3 already leaves statements alone until told BEGIN (outside DML).
@@ -112,6 +113,9 @@ class SQLStore(Store):
                 raw.autocommit = False
         except (self._dbapi_errors.OperationalError, self._dbapi_errors.InterfaceError) as exc:
             fairy.invalidate(exc)
+            if getattr(raw, "broken", False):
+                self.engine.dispose(close=False)
+                raise _Stale(str(self._unavailable(exc)), backend="sql") from exc
             raise self._unavailable(exc) from exc
         finally:
             fairy.close()
@@ -126,16 +130,23 @@ class SQLStore(Store):
 
     # -- reads --------------------------------------------------------------
 
+    def _read(self, statement: str, params: dict[str, Any]) -> list[Any]:
+        """Run one read; once more on a fresh connection if the pooled one was dead."""
+        try:
+            with self._raw() as raw:
+                return raw.execute(statement, params).fetchall()  # type: ignore[no-any-return]
+        except _Stale:
+            with self._raw() as raw:
+                return raw.execute(statement, params).fetchall()  # type: ignore[no-any-return]
+
     def get(self, state_id: str) -> State | None:
-        with self._raw() as raw:
-            row = raw.execute(self._sql.select_one, {"state_id": state_id}).fetchone()
-        return None if row is None else self._sql.state(row)
+        rows = self._read(self._sql.select_one, {"state_id": state_id})
+        return self._sql.state(rows[0]) if rows else None
 
     def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
         if not state_ids:
             return {}
-        with self._raw() as raw:
-            rows = raw.execute(self._sql.select_many, self._sql.ids(state_ids)).fetchall()
+        rows = self._read(self._sql.select_many, self._sql.ids(state_ids))
         return {row[0]: self._sql.state(row) for row in rows}
 
     def query(self, query: Query) -> tuple[list[State], int]:
@@ -255,38 +266,52 @@ class SQLStore(Store):
     # -- writes -------------------------------------------------------------
 
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        try:
+            return self._transaction(state_ids, plan)
+        except _Stale as stale:
+            if stale.wrote:
+                raise  # it may have committed: never send it twice
+            return self._transaction(state_ids, plan)
+
+    def _transaction(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
         sql = self._sql
-        with self._raw() as raw:
-            try:
-                with self._pipeline(raw) as flush:
-                    # SQLite: take the write lock now, not at the first UPDATE,
-                    # where a reader upgrading could fail instead of waiting.
-                    raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
-                    rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
-                    found = {row[0]: sql.state(row) for row in rows}
-                    writes = plan({i: found.get(i) for i in state_ids})
-                    checks = []
-                    for write in writes:
-                        for statement, params, counted in sql.write(write):
-                            cursor = raw.execute(statement, params)
-                            if counted:
-                                checks.append((cursor, write.state["state_id"]))
-                    # On PostgreSQL one write is a single statement that writes
-                    # nothing if its compare-and-set lost, so COMMIT goes in the
-                    # same round trip; otherwise check every write first.
-                    if not (sql.postgres and len(writes) == 1):
-                        flush()
-                        _check(checks)
-                    raw.execute("COMMIT")
-                _check(checks)
-            except self._dbapi_errors.IntegrityError as exc:
-                # Two writers raced to insert the same new id: the loser rolls back.
-                raw.execute("ROLLBACK")
-                raise VersionMismatch(state_ids[0], None) from exc
-            except BaseException:
-                if raw.info.transaction_status if sql.postgres else raw.in_transaction:
+        wrote = False
+        try:
+            with self._raw() as raw:
+                try:
+                    with self._pipeline(raw) as flush:
+                        # SQLite: take the write lock now, not at the first UPDATE,
+                        # where a reader upgrading could fail instead of waiting.
+                        raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
+                        rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
+                        found = {row[0]: sql.state(row) for row in rows}
+                        writes = plan({i: found.get(i) for i in state_ids})
+                        wrote = True
+                        checks = []
+                        for write in writes:
+                            for statement, params, counted in sql.write(write):
+                                cursor = raw.execute(statement, params)
+                                if counted:
+                                    checks.append((cursor, write.state["state_id"]))
+                        # On PostgreSQL one write is a single statement that writes
+                        # nothing if its compare-and-set lost, so COMMIT goes in the
+                        # same round trip; otherwise check every write first.
+                        if not (sql.postgres and len(writes) == 1):
+                            flush()
+                            _check(checks)
+                        raw.execute("COMMIT")
+                    _check(checks)
+                except self._dbapi_errors.IntegrityError as exc:
+                    # Two writers raced to insert the same new id: the loser rolls back.
                     raw.execute("ROLLBACK")
-                raise
+                    raise VersionMismatch(state_ids[0], None) from exc
+                except BaseException:
+                    if raw.info.transaction_status if sql.postgres else raw.in_transaction:
+                        raw.execute("ROLLBACK")
+                    raise
+        except _Stale as stale:
+            stale.wrote = wrote
+            raise
         return writes
 
     @contextmanager
@@ -313,6 +338,13 @@ class SQLStore(Store):
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()
+
+
+class _Stale(BackendUnavailableError):
+    """The pooled connection turned out dead (the server restarted or dropped it)."""
+
+    #: Whether a write had been sent: if so it may have committed, so no retry.
+    wrote = False
 
 
 def _check(executed: Sequence[tuple[Any, str]]) -> None:
