@@ -104,12 +104,13 @@ class SQLStore(Store):
             raise self._unavailable(exc) from exc
         raw: Any = fairy.dbapi_connection
         # sqlite3 already leaves statements alone until told BEGIN (outside DML).
-        autocommit = self._sql.postgres
+        # The pool may be the application's: hand the connection back as it came.
+        previous = raw.autocommit if self._sql.postgres else None
         try:
-            if autocommit:
+            if previous is False:
                 raw.autocommit = True
             yield raw
-            if autocommit:
+            if previous is False:
                 raw.autocommit = False
         except (self._dbapi_errors.OperationalError, self._dbapi_errors.InterfaceError) as exc:
             fairy.invalidate(exc)
