@@ -1,7 +1,8 @@
 """The one write pipeline.
 
 Every mutation — register, update, patch, transition, delete, rollback,
-atomic update, TTL expiry — goes through :func:`write`:
+atomic update, bulk operations, transactions, TTL expiry — goes through
+:func:`commit` (:func:`write` for one operation):
 
 1. **resolve**: read the stored row and decide whether it is live;
 2. **validate**: build the candidate record, check the lifecycle rule, the JSON
@@ -33,6 +34,7 @@ from .errors import (
     StateConflictError,
     StateExistsError,
     StateLimitError,
+    StateManagerError,
     StateNotFoundError,
     StateValidationError,
 )
@@ -144,78 +146,141 @@ def parse_payload(payload: Any, argument: str, type_name: str | None) -> Proposa
     return Proposal("update", data=payload.get("data"), name=name, metadata=payload.get("metadata"))
 
 
-def write(
-    registry: Registry,
-    runtime: Runtime,
-    state_id: str,
-    build: Builder,
-    *,
-    create_type: str | None = None,
-    expected_version: int | None = None,
-    actor: str | None = None,
-    attempts: int | None = None,
-) -> State:
-    """Run one mutation through the pipeline and return the committed record.
+@dataclass(slots=True)
+class Operation:
+    """One requested change of one state, as :func:`commit` receives it.
 
+    :param build: turns the current live record (``None`` for a new state) into
+        a :class:`Proposal`.
     :param create_type: set for ``register_state``: the id must not be live.
     :param expected_version: compare-and-set against this version; a mismatch
         raises :class:`StateConflictError` and nothing is written.
+    """
+
+    state_id: str
+    build: Builder
+    create_type: str | None = None
+    expected_version: int | None = None
+    actor: str | None = None
+
+    def __post_init__(self) -> None:
+        version = self.expected_version
+        if version is not None and (type(version) is not int or version < 1):
+            raise StateValidationError(
+                f"expected_version must be a positive integer, got {version!r}.",
+                {"expected_version": ["A positive integer (the state's version or etag)."]},
+            )
+        if self.actor is not None:
+            codec.check_text(self.actor, "actor")
+
+
+#: What :func:`commit` returns per operation: the new record, or (when
+#: ``partial``) the error that kept this operation out.
+Outcome = State | StateManagerError
+
+
+def commit(
+    registry: Registry,
+    runtime: Runtime,
+    operations: Sequence[Operation],
+    *,
+    partial: bool = False,
+    attempts: int | None = None,
+) -> list[Outcome]:
+    """Run operations through the pipeline as one unit and return their outcomes.
+
+    Operations apply in order, each on the result of the ones before it (two
+    operations may touch one state); all of them commit in one store
+    transaction, with one history entry each.
+
+    :param partial: an operation that fails validation is left out and its
+        error returned in its place, and the others commit; otherwise the first
+        error is raised and nothing is written.
     :param attempts: how often a lost compare-and-set is retried from a fresh
         read (last write wins); defaults to ``STATEMANAGER_WRITE_RETRIES``.
     """
-    if expected_version is not None and (type(expected_version) is not int or expected_version < 1):
-        raise StateValidationError(
-            f"expected_version must be a positive integer, got {expected_version!r}.",
-            {"expected_version": ["A positive integer (the state's version or etag)."]},
-        )
-    if actor is not None:
-        codec.check_text(actor, "actor")
     attempts = attempts or runtime.settings.write_retries
+    state_ids = list(dict.fromkeys(op.state_id for op in operations))
     committed: list[tuple[Write, State | None]] = []
+    outcomes: list[Outcome] = []
 
     def plan(rows: Mapping[str, State | None]) -> list[Write]:
         committed.clear()
+        outcomes.clear()
         now = utcnow()
-        row = rows[state_id]
-        live = row if row is not None and is_live(row, now) else None
-        if create_type is not None and live is not None:
-            raise StateExistsError(state_id)
-        if create_type is None and live is None:
-            raise StateNotFoundError(state_id)
-        version = live["version"] if live else None
-        if expected_version is not None and version != expected_version:
-            raise StateConflictError(state_id, expected_version, version)
-        base = row
-        if row is not None and live is None and needs_expiry(row, now):
-            # A new life over a state whose TTL passed unrecorded: record the expiry first.
-            committed.append((expiry_write(row, now), row))
-            base = committed[-1][0].state
-        new_state, change = _prepare(
-            registry, runtime, state_id, create_type, live, base, build(live), actor, now
-        )
-        committed.append((Write(new_state, base["version"] if base else 0, change), live))
+        current = dict(rows)
+        for op in operations:
+            try:
+                writes = _plan_one(registry, runtime, op, current.get(op.state_id), now)
+            except StateManagerError as exc:
+                if not partial:
+                    raise
+                outcomes.append(exc)
+                continue
+            committed.extend(writes)
+            current[op.state_id] = writes[-1][0].state
+            outcomes.append(writes[-1][0].state)
         return [w for w, _ in committed]
 
     for attempt in range(attempts):
         try:
-            runtime.store.apply([state_id], plan)
+            runtime.store.apply(state_ids, plan)
         except VersionMismatch as lost:
             # Only stores without locks get here: another writer won the race.
-            if expected_version is not None:
-                raise StateConflictError(state_id, expected_version, lost.actual_version) from None
+            expected = next(
+                (op.expected_version for op in operations if op.state_id == lost.state_id),
+                None,
+            )
+            if expected is not None:
+                raise StateConflictError(lost.state_id, expected, lost.actual_version) from None
             if attempt + 1 < attempts:
                 # Back off with jitter so racing writers stop colliding.
                 time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
             continue
         after_commit(registry, runtime, committed)
-        return committed[-1][0].state
+        return list(outcomes)
     raise StateConflictError(
-        state_id,
+        state_ids[0] if state_ids else "",
         None,
         None,
-        message=f"State {state_id!r} kept changing under {attempts} attempts to write it; "
-        "retry later or pass a larger retries.",
+        message=f"State {', '.join(map(repr, state_ids))} kept changing under {attempts} "
+        "attempts to write it; retry later or pass a larger retries.",
     )
+
+
+def write(
+    registry: Registry, runtime: Runtime, operation: Operation, *, attempts: int | None = None
+) -> State:
+    """Run one operation through the pipeline and return the committed record."""
+    (state,) = commit(registry, runtime, [operation], attempts=attempts)
+    assert isinstance(state, State)
+    return state
+
+
+def _plan_one(
+    registry: Registry, runtime: Runtime, op: Operation, row: State | None, now: datetime
+) -> list[tuple[Write, State | None]]:
+    """The writes of one operation on *row* (the stored record, or the batch's latest)."""
+    state_id = op.state_id
+    live = row if row is not None and is_live(row, now) else None
+    if op.create_type is not None and live is not None:
+        raise StateExistsError(state_id)
+    if op.create_type is None and live is None:
+        raise StateNotFoundError(state_id)
+    version = live["version"] if live else None
+    if op.expected_version is not None and version != op.expected_version:
+        raise StateConflictError(state_id, op.expected_version, version)
+    writes: list[tuple[Write, State | None]] = []
+    base = row
+    if row is not None and live is None and needs_expiry(row, now):
+        # A new life over a state whose TTL passed unrecorded: record the expiry first.
+        writes.append((expiry_write(row, now), row))
+        base = writes[-1][0].state
+    new_state, change = _prepare(
+        registry, runtime, state_id, op.create_type, live, base, op.build(live), op.actor, now
+    )
+    writes.append((Write(new_state, base["version"] if base else 0, change), live))
+    return writes
 
 
 def _prepare(

@@ -27,6 +27,7 @@ from .definitions import (
     normalize_type,
 )
 from .engine import (
+    Operation,
     Proposal,
     Registry,
     check_state_id,
@@ -263,11 +264,13 @@ class StateOperations:
         state_id: Any,
         build: Callable[[State | None], Proposal],
         transition: str = "update",
+        *,
+        attempts: int | None = None,
         **options: Any,
     ) -> State:
-        check_state_id(state_id)
+        operation = Operation(check_state_id(state_id), build, **options)
         with self._operation(name, state_id, transition) as runtime:
-            return write(self._registry, runtime, state_id, build, **options)
+            return write(self._registry, runtime, operation, attempts=attempts)
 
     def register_state(
         self,
