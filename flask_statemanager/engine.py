@@ -162,6 +162,8 @@ class Operation:
     create_type: str | None = None
     expected_version: int | None = None
     actor: str | None = None
+    #: The transition name, for logs and metrics before the proposal is built.
+    transition: str = "update"
 
     def __post_init__(self) -> None:
         version = self.expected_version

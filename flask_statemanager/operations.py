@@ -8,11 +8,12 @@ pipeline. Each operation is timed, counted and logged.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import codec
+from . import mutations
 from .definitions import (
     DEFAULT_LIFECYCLE,
     DELETED,
@@ -28,14 +29,15 @@ from .definitions import (
 )
 from .engine import (
     Operation,
+    Outcome,
     Proposal,
     Registry,
     check_state_id,
     check_ttl,
+    commit,
     expire,
     is_live,
     needs_expiry,
-    parse_payload,
     write,
 )
 from .errors import BackendUnavailableError, ConfigurationError, StateManagerError
@@ -45,6 +47,7 @@ from .metrics import log_state_operation
 from .query import Page, Query, check_paging, parse_conditions, parse_order
 from .records import Change, State, isoformat, utcnow
 from .stores.base import Store
+from .transactions import BulkResult, Transaction
 from .validation import Validator, ValidatorLike
 
 if TYPE_CHECKING:
@@ -258,18 +261,8 @@ class StateOperations:
 
     # -- writes ---------------------------------------------------------------
 
-    def _write(
-        self,
-        name: str,
-        state_id: Any,
-        build: Callable[[State | None], Proposal],
-        transition: str = "update",
-        *,
-        attempts: int | None = None,
-        **options: Any,
-    ) -> State:
-        operation = Operation(check_state_id(state_id), build, **options)
-        with self._operation(name, state_id, transition) as runtime:
+    def _run(self, name: str, operation: Operation, *, attempts: int | None = None) -> State:
+        with self._operation(name, operation.state_id, operation.transition) as runtime:
             return write(self._registry, runtime, operation, attempts=attempts)
 
     def register_state(
@@ -288,21 +281,10 @@ class StateOperations:
         :param ttl: seconds until it expires; defaults to the type's ``default_ttl``.
         :raises StateExistsError: a live state has this id.
         """
-        type_name = normalize_type(state_type)
-        self._registry.type(type_name)
-        proposal = parse_payload(initial_data, "initial_data", type_name)
-        proposal.transition = StateTransition.CREATE.value
-        proposal.ttl = check_ttl(ttl)
-        if proposal.data is None:
-            proposal.data = {}
-        return self._write(
-            "register_state",
-            state_id,
-            lambda _: proposal,
-            "create",
-            create_type=type_name,
-            actor=actor,
+        operation = mutations.register(
+            self._registry, state_id, state_type, initial_data, ttl=ttl, actor=actor
         )
+        return self._run("register_state", operation)
 
     def update_state(
         self,
@@ -320,32 +302,15 @@ class StateOperations:
         :param expected_version: the version (or etag) the state must be at.
         :raises StateConflictError: it is not at *expected_version*; nothing written.
         """
-        proposal = parse_payload(new_data, "new_data", None)
-        proposal.transition = normalize_transition(transition, known=None)
-        proposal.ttl = check_ttl(ttl)
-        given_type = new_data.get("type")
-
-        def build(current: State | None) -> Proposal:
-            assert current is not None
-            if (
-                given_type is not None
-                and getattr(given_type, "value", given_type) != current["type"]
-            ):
-                raise _Invalid(
-                    f"new_data['type'] is {given_type!r} but state {state_id!r} is of type "
-                    f"{current['type']!r}; remove it or make them match.",
-                    {"type": [f"Does not match {current['type']!r}."]},
-                )
-            return proposal
-
-        return self._write(
-            "update_state",
+        operation = mutations.update(
             state_id,
-            build,
-            proposal.transition,
-            expected_version=_version(expected_version),
+            new_data,
+            transition,
+            expected_version=expected_version,
+            ttl=ttl,
             actor=actor,
         )
+        return self._run("update_state", operation)
 
     def patch_state(
         self,
@@ -356,19 +321,10 @@ class StateOperations:
         actor: str | None = None,
     ) -> State:
         """Apply a JSON merge patch (RFC 7386) to ``data``: ``None`` removes a key."""
-        if not isinstance(changes, dict):
-            raise _Invalid(
-                "changes must be a dict (a JSON merge patch of data).",
-                {"changes": ["Must be a dict."]},
-            )
-
-        def build(current: State | None) -> Proposal:
-            assert current is not None
-            return Proposal("update", data=codec.merge_patch(current["data"], changes))
-
-        return self._write(
-            "patch_state", state_id, build, expected_version=_version(expected_version), actor=actor
+        operation = mutations.patch(
+            state_id, changes, expected_version=expected_version, actor=actor
         )
+        return self._run("patch_state", operation)
 
     def transition(
         self,
@@ -383,16 +339,10 @@ class StateOperations:
 
         :raises InvalidTransitionError: unknown, or not allowed from the current status.
         """
-        name = normalize_transition(transition, known=None)
-        proposal = Proposal(name, data=None if data is None else dict(data))
-        return self._write(
-            "transition",
-            state_id,
-            lambda _: proposal,
-            name,
-            expected_version=_version(expected_version),
-            actor=actor,
+        operation = mutations.transition(
+            state_id, transition, data=data, expected_version=expected_version, actor=actor
         )
+        return self._run("transition", operation)
 
     def delete_state(
         self,
@@ -402,14 +352,8 @@ class StateOperations:
         actor: str | None = None,
     ) -> None:
         """Delete a state: gone from reads, its history kept; the id can be registered again."""
-        self._write(
-            "delete_state",
-            state_id,
-            lambda _: Proposal("delete"),
-            "delete",
-            expected_version=_version(expected_version),
-            actor=actor,
-        )
+        operation = mutations.delete(state_id, expected_version=expected_version, actor=actor)
+        self._run("delete_state", operation)
 
     def atomic_update(
         self,
@@ -431,19 +375,8 @@ class StateOperations:
         """
         if type(retries) is not int or retries < 0:
             raise _Invalid("retries must be an integer >= 0.", {"retries": [">= 0."]})
-
-        def build(current: State | None) -> Proposal:
-            assert current is not None
-            result = fn(codec.loads(codec.dumps(current["data"])))
-            if not isinstance(result, dict):
-                raise _Invalid(
-                    f"atomic_update's function must return the new data dict, got "
-                    f"{type(result).__name__}.",
-                    {"data": ["Must be a dict."]},
-                )
-            return Proposal("update", data=result)
-
-        return self._write("atomic_update", state_id, build, attempts=retries + 1, actor=actor)
+        operation = mutations.compute(state_id, fn, actor=actor)
+        return self._run("atomic_update", operation, attempts=retries + 1)
 
     def rollback(self, state_id: str, to_version: int, *, actor: str | None = None) -> State:
         """Restore the ``data`` a state had at *to_version*, as a new UPDATE change."""
@@ -465,7 +398,80 @@ class StateOperations:
                 )
             return Proposal("update", data=target["new_data"], note={"rollback_to": to_version})
 
-        return self._write("rollback", state_id, build, actor=actor)
+        return self._run("rollback", Operation(state_id, build, actor=actor))
+
+    # -- many states --------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """Change many states all together or not at all.
+
+        ::
+
+            with state_manager.transaction() as tx:
+                tx.update_state("a", {"data": {...}})
+                tx.transition("b", "activate")
+
+        The changes are checked and committed when the block ends, in one store
+        transaction; if one is refused (its error is raised) or the block
+        raises, nothing is written. ``tx.results`` then holds the records.
+        """
+        tx = Transaction(self._registry)
+        yield tx
+        if tx.operations:
+            with self._operation("transaction") as runtime:
+                outcomes = commit(self._registry, runtime, tx.operations)
+            tx.results = [o for o in outcomes if isinstance(o, State)]
+
+    def bulk_register(self, items: Iterable[Mapping[str, Any]]) -> BulkResult:
+        """Register many states in one store transaction; each item stands alone.
+
+        :param items: keyword arguments of :meth:`register_state`, such as
+            ``{"state_id": "u1", "state_type": "user", "initial_data": {...}}``.
+        :returns: one outcome per item: the record, or the error that kept it
+            out (the other items are written).
+        """
+        return self._bulk("bulk_register", items, partial(mutations.register, self._registry))
+
+    def bulk_update(self, items: Iterable[Mapping[str, Any]]) -> BulkResult:
+        """Update many states in one store transaction; each item stands alone.
+
+        :param items: keyword arguments of :meth:`update_state`, such as
+            ``{"state_id": "u1", "new_data": {...}, "expected_version": 3}``.
+        :returns: one outcome per item: the record, or the error that kept it out.
+        """
+        return self._bulk("bulk_update", items, mutations.update)
+
+    def _bulk(
+        self, name: str, items: Iterable[Mapping[str, Any]], make: Callable[..., Operation]
+    ) -> BulkResult:
+        if isinstance(items, Mapping | str) or not isinstance(items, Iterable):
+            raise _Invalid(
+                f"{name} takes a list of items (dicts of keyword arguments).",
+                {"items": ["A list of dicts."]},
+            )
+        ids: list[str | None] = []
+        refused: dict[int, StateManagerError] = {}  # item position -> error
+        operations: list[Operation] = []
+        for position, item in enumerate(items):
+            state_id = item.get("state_id") if isinstance(item, Mapping) else None
+            ids.append(state_id if isinstance(state_id, str) else None)
+            try:
+                if not isinstance(item, Mapping):
+                    raise _Invalid(
+                        f"Each {name} item is a dict of keyword arguments.", {"items": ["A dict."]}
+                    )
+                operations.append(make(**item))
+            except TypeError as exc:  # missing or unknown keyword arguments
+                refused[position] = _Invalid(f"Bad {name} item: {exc}.", {"items": [str(exc)]})
+            except StateManagerError as exc:
+                refused[position] = exc
+        committed: Iterator[Outcome] = iter(())
+        if operations:
+            with self._operation(name) as runtime:
+                committed = iter(commit(self._registry, runtime, operations, partial=True))
+        outcomes = [refused[p] if p in refused else next(committed) for p in range(len(ids))]
+        return BulkResult(outcomes, ids)
 
     def sweep_expired(self, *, limit: int = 1000) -> int:
         """Record the EXPIRE change of up to *limit* states whose TTL passed.
@@ -520,16 +526,3 @@ class StateOperations:
             else str(getattr(transition_type, "value", transition_type))
         )
         log_state_operation(operation, state_id, transition, duration_ms, **fields)
-
-
-def _version(value: int | str | None) -> int | None:
-    """Accept a version or an etag (``"3"`` or ``'"3"'``)."""
-    if isinstance(value, str):
-        stripped = value.strip().removeprefix("W/").strip('"')
-        if not stripped.isdigit():
-            raise _Invalid(
-                f"expected_version {value!r} is not a version or etag.",
-                {"expected_version": ["A version number or etag."]},
-            )
-        return int(stripped)
-    return value

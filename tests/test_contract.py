@@ -341,6 +341,131 @@ class StoreContract:
         with pytest.raises(StateValidationError):
             sm.bulk_get(["ok", "bad id"])
 
+    # -- transactions and bulk writes -----------------------------------------------------
+
+    def test_transaction_commits_everything_together(self, sm: StateManager, app: Flask) -> None:
+        sm.register_state("a", "user", user(credits=100))
+        sm.register_state("b", "user", user(credits=0))
+        seen: list[tuple[str, str]] = []
+
+        def on_changed(sender: Any, **kw: Any) -> None:
+            # Signals follow the commit: every change is already visible.
+            assert sm.get_state("t1") is not None
+            seen.append((kw["state_id"], kw["transition"]))
+
+        with signals.state_changed.connected_to(on_changed, sender=app):
+            with sm.transaction() as tx:
+                tx.atomic_update("a", lambda d: {"credits": d["credits"] - 10})
+                tx.patch_state("b", {"credits": 10})
+                tx.register_state("t1", "transaction", {"data": {"amount": 10}}, actor="bank")
+                tx.transition("a", "activate")
+                tx.delete_state("b")
+        assert [(s["state_id"], s["version"]) for s in tx.results] == [
+            ("a", 2),
+            ("b", 2),
+            ("t1", 1),
+            ("a", 3),
+            ("b", 3),
+        ]
+        assert seen == [
+            ("a", "update"),
+            ("b", "update"),
+            ("t1", "create"),
+            ("a", "activate"),
+            ("b", "delete"),
+        ]
+        a = sm.get_state("a")
+        assert a["data"] == {"credits": 90} and a["status"] == "active" and a["version"] == 3
+        assert sm.get_state("b") is None
+        assert [c["version"] for c in sm.get_state_history("a")] == [1, 2, 3]
+        assert sm.get_state_history("t1")[0]["actor"] == "bank"
+
+    def test_transaction_with_one_invalid_change_writes_nothing(self, sm: StateManager) -> None:
+        sm.register_state("a", "user", user(n=1))
+        sm.register_state("b", "user", user(n=1))
+        before = {i: sm.get_state_history(i) for i in ("a", "b")}
+        failing = [
+            (lambda tx: tx.transition("b", "resume"), InvalidTransitionError),
+            (lambda tx: tx.update_state("b", user(n=2), expected_version=7), StateConflictError),
+            (lambda tx: tx.register_state("a", "user", user()), StateExistsError),
+            (lambda tx: tx.update_state("ghost", user()), StateNotFoundError),
+            (lambda tx: tx.patch_state("b", {"bad": {1, 2}}), StateValidationError),
+        ]
+        for add_bad_change, error in failing:
+            with pytest.raises(error):
+                with sm.transaction() as tx:
+                    tx.update_state("a", user(n=2))
+                    tx.register_state("c", "user", user())
+                    add_bad_change(tx)
+            assert sm.get_state("a")["data"] == {"n": 1}
+            assert sm.get_state("c") is None
+            assert {i: sm.get_state_history(i) for i in ("a", "b")} == before
+        with pytest.raises(RuntimeError):
+            with sm.transaction() as tx:
+                tx.update_state("a", user(n=3))
+                raise RuntimeError("changed my mind")
+        assert sm.get_state("a")["version"] == 1
+
+    def test_bulk_register_reports_each_item(self, sm: StateManager) -> None:
+        sm.register_state("taken", "user", user())
+        result = sm.bulk_register(
+            [
+                {"state_id": "u1", "state_type": "user", "initial_data": user(n=1)},
+                {"state_id": "bad id", "state_type": "user", "initial_data": user()},
+                {"state_id": "taken", "state_type": "user", "initial_data": user()},
+                {"state_id": "u2", "state_type": "user", "initial_data": user(n=2), "ttl": 60},
+                {"state_id": "u3", "state_type": "nosuchtype", "initial_data": user()},
+                {"state_id": "u4", "state_type": "user"},
+                {"state_id": "u5", "state_type": "user", "initial_data": {"data": {"x": {1}}}},
+            ]
+        )
+        assert not result.ok and len(result) == 7
+        assert sorted(result.states) == ["u1", "u2"]
+        assert result.states["u2"]["expires_at"] is not None
+        assert {k: type(v).__name__ for k, v in result.errors.items()} == {
+            "bad id": "StateValidationError",
+            "taken": "StateExistsError",
+            "u3": "StateValidationError",
+            "u4": "StateValidationError",
+            "u5": "StateValidationError",
+        }
+        assert sm.get_state("u1")["data"] == {"n": 1}
+        assert len(sm.get_state_history("taken")) == 1
+        many = sm.bulk_register(
+            [
+                {"state_id": f"m{i}", "state_type": "user", "initial_data": user(i=i)}
+                for i in range(300)
+            ]
+        )
+        assert many.ok and len(many.states) == 300
+        assert sm.search_states("user", {"data.i__gte": 0}).total == 300
+
+    def test_bulk_update_reports_each_item(self, sm: StateManager) -> None:
+        for i in range(3):
+            sm.register_state(f"u{i}", "user", user(i=i))
+        result = sm.bulk_update(
+            [
+                {"state_id": "u0", "new_data": user(i=10)},
+                {"state_id": "u1", "new_data": user(i=11), "expected_version": 5},
+                {"state_id": "u2", "new_data": user(i=12), "transition": "activate"},
+                {"state_id": "ghost", "new_data": user()},
+                {"state_id": "u0", "new_data": user(i=20)},
+            ]
+        )
+        assert [type(o).__name__ for o in result] == [
+            "State",
+            "StateConflictError",
+            "State",
+            "StateNotFoundError",
+            "State",
+        ]
+        assert [o["version"] for o in result if not isinstance(o, Exception)] == [2, 2, 3]
+        assert sm.get_state("u0")["data"] == {"i": 20}
+        assert sm.get_state("u1")["version"] == 1
+        assert sm.get_state("u2")["status"] == "active"
+        with pytest.raises(StateValidationError):
+            sm.bulk_update({"u0": user()})  # type: ignore[arg-type]
+
     # -- search --------------------------------------------------------------------------
 
     def _people(self, sm: StateManager) -> None:
