@@ -17,11 +17,13 @@ from .errors import (
 from .extension import StateManager
 from .query import Page
 from .records import Change, State
+from .transactions import BulkResult, Transaction
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "BulkResult",
     "Change",
     "ConfigurationError",
     "InvalidTransitionError",
@@ -37,6 +39,7 @@ __all__ = [
     "StateTransition",
     "StateType",
     "StateValidationError",
+    "Transaction",
     "TypeDefinition",
     "__version__",
 ]

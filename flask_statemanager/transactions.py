@@ -43,6 +43,7 @@ class Transaction:
     def register_state(
         self, state_id: str, state_type: TypeLike, initial_data: Mapping[str, Any], **options: Any
     ) -> None:
+        """Queue :meth:`~.StateManager.register_state`."""
         self.operations.append(
             mutations.register(self._registry, state_id, state_type, initial_data, **options)
         )
@@ -54,20 +55,25 @@ class Transaction:
         transition: TransitionLike = StateTransition.UPDATE,
         **options: Any,
     ) -> None:
+        """Queue :meth:`~.StateManager.update_state`."""
         self.operations.append(mutations.update(state_id, new_data, transition, **options))
 
     def patch_state(self, state_id: str, changes: Mapping[str, Any], **options: Any) -> None:
+        """Queue :meth:`~.StateManager.patch_state`."""
         self.operations.append(mutations.patch(state_id, changes, **options))
 
     def transition(self, state_id: str, transition: TransitionLike, **options: Any) -> None:
+        """Queue :meth:`~.StateManager.transition`."""
         self.operations.append(mutations.transition(state_id, transition, **options))
 
     def delete_state(self, state_id: str, **options: Any) -> None:
+        """Queue :meth:`~.StateManager.delete_state`."""
         self.operations.append(mutations.delete(state_id, **options))
 
     def atomic_update(
         self, state_id: str, fn: Callable[[dict[str, Any]], dict[str, Any]], **options: Any
     ) -> None:
+        """Queue :meth:`~.StateManager.atomic_update` (*fn* runs at commit)."""
         self.operations.append(mutations.compute(state_id, fn, **options))
 
 
