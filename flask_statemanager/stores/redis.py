@@ -1,0 +1,695 @@
+"""Redis store: states, versions and history in Redis alone.
+
+**Keys**
+
+Every key starts with ``STATEMANAGER_KEY_PREFIX`` (``<prefix>``, default
+``statemanager``), then the kind of key, then what it is about — seed 003's
+``<domain>:<type>:<id>``. The keys of one state carry the hash tag ``{<id>}``
+(ids never contain braces), so they live in one Cluster slot:
+
+``<prefix>:state:{<id>}``
+    string: the state document, :meth:`State.to_json` with timestamps in one
+    fixed-width UTC format (``2024-05-01T12:00:00.000000Z``) so that they
+    compare correctly as strings. Tombstones (deleted or expired states) keep
+    theirs for ``tombstone_ttl``, then Redis drops it (see TTL below).
+``<prefix>:history:{<id>}``
+    list: the change documents, oldest first; entry ``i`` is version ``i + 1``.
+    A state's version is always its history's length. Never expires.
+``<prefix>:lock:{<id>}``
+    string: the token of the writer holding the state (``SET NX PX``).
+
+Shared keys index the live states (status neither deleted nor expired):
+
+``<prefix>:type:<type>``
+    sorted set: the type's live state ids, scored by ``updated_at`` in
+    microseconds, so a type's states list newest first without sorting.
+``<prefix>:expiry:<type>``
+    sorted set: those with an ``expires_at``, scored by it in microseconds.
+``<prefix>:index:<type>:<field>``
+    sorted set, all scores 0: ``<encoded value>\\0<id>`` for a declared field
+    (``register_type(..., indexes=["data.status"])``) holding a scalar;
+    equality lookups are lexicographic range queries.
+``<prefix>:types``
+    set: the types that have had states.
+``<prefix>:indexes``
+    hash: type → its declared fields as JSON, ``{"data.status": true}``,
+    ``false`` while the index of a newly declared field is being built.
+``<prefix>:log``
+    list: ``<id> <version>`` per committed change, in commit order, capped at
+    the 10 000 newest (``get_recent_changes`` reads at most that many).
+
+**Writes**
+
+:meth:`RedisStore.apply` takes a short lock on each state it reads (all at
+once, or none and retry), so concurrent writers queue like on a database row
+lock instead of failing compare-and-sets: with plain optimistic retries, four
+processes incrementing one counter lose increments once the retries run out.
+The same script (``redis_scripts/lock_read.lua``) reads the states. Then the
+engine plans, and one more script (``redis_scripts/commit.lua``)
+checks every expected version against the history length, appends the history
+entries, stores the documents, updates every index and releases the locks —
+all or nothing, because a script runs alone and checks before it writes. The
+compare-and-set stays the safety net when a lock expired under a slow writer,
+and makes a call resent after a lost reply recognise its own commit. A write
+costs two round trips, whatever the number of states it changes.
+
+**Search**
+
+``search_states`` runs in one Lua script (``redis_scripts/search.lua``) that
+reads candidates from the type's sorted set (every type's without a type), or
+from a declared field's index when a condition is an equality or ``__in`` on
+it; it never uses ``KEYS`` or ``SCAN``. The script evaluates the conditions
+with the reference semantics of :func:`flask_statemanager.query.matches`,
+orders and pages on the server, and returns the page and the total. Listing a
+type by ``updated_at`` with no conditions reads the sorted set in order and
+only the page's documents. Otherwise the script decodes every candidate, and
+Redis serves nothing else meanwhile (about 60 ms for 10 000 states): declare
+indexes on the fields large types are searched by. Numbers compare as Lua
+numbers (IEEE doubles): integers beyond 2**53 can compare equal to their
+neighbours, except through a declared index, which encodes integers exactly.
+
+**TTL**
+
+A state with a TTL is listed in its type's expiry sorted set, which the
+sweeper (:meth:`RedisStore.expired`) and searches read. Its document gets no
+Redis expiry while it is live: Redis would delete it silently, with no way to
+write the EXPIRE history entry in the same step, and reads must still see the
+row so the engine records the expiry (lazily on read, or when swept). Once the
+EXPIRE change is recorded — or the state deleted — its document is a tombstone,
+and native key expiry (``PEXPIRE``) drops it after ``tombstone_ttl``: until
+then ``get_state(include_expired=True)`` returns it; afterwards the id reads as
+absent. The history never expires, and since it holds the version, a state
+registered again over a dropped tombstone goes on from the next version.
+
+**Redis Cluster**
+
+A state's own keys share a slot through their hash tag, but the shared index
+keys live in other slots, and a write updates both in one script, which Redis
+Cluster refuses (``CROSSSLOT``); so do the reading scripts (search, sweep,
+count, recent changes), which read the state keys their indexes name. This
+store therefore needs one Redis server (with replicas and Sentinel as you
+like). On Cluster it would need every key under one hash tag (one slot:
+correct, but one shard holds everything), or indexes kept per slot and
+searches fanned out to every shard — neither is implemented.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any, cast
+
+import redis
+
+from .. import codec
+from ..definitions import DELETED, EXPIRED, TypeDefinition
+from ..errors import BackendUnavailableError, ConfigurationError
+from ..query import Query
+from ..records import Change, State
+from .base import Plan, Store, VersionMismatch, Write
+
+_SCRIPTS = (
+    "backfill",
+    "commit",
+    "count",
+    "define",
+    "expired",
+    "lock_read",
+    "recent",
+    "search",
+    "unlock",
+)
+#: Changes kept in the change log: ``get_recent_changes`` reads at most this many.
+_LOG_LENGTH = 10_000
+_TOMBSTONES = (DELETED, EXPIRED)
+#: Columns a ``__contains`` can never match (only strings and arrays contain).
+_NOT_TEXT = frozenset({"version", "created_at", "updated_at", "expires_at"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+class RedisStore(Store):
+    """States and history in Redis; see the module documentation for the keys.
+
+    :param client: a redis-py client; the store closes it in :meth:`close`.
+    :param prefix: the first part of every key (``STATEMANAGER_KEY_PREFIX``).
+    :param lock_ttl: seconds a writer's lock lives if the writer dies holding it.
+    :param lock_wait: seconds a writer waits for a locked state before giving up
+        with :class:`~flask_statemanager.errors.BackendUnavailableError`.
+    :param tombstone_ttl: seconds Redis keeps the document of a deleted or
+        expired state before dropping it; ``None`` keeps it forever.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        lock_ttl: float = 2.0,
+        lock_wait: float = 5.0,
+        tombstone_ttl: float | None = 7 * 24 * 3600.0,
+    ) -> None:
+        if not prefix or any(c in prefix for c in "{} \n\r\t"):
+            raise ConfigurationError(
+                "The Redis key prefix must be a non-empty string without spaces or braces."
+            )
+        self.client = client
+        self.prefix = prefix
+        self._lock_ms = max(1, round(lock_ttl * 1000))
+        self._lock_wait = lock_wait
+        self._tombstone_ms = 0 if tombstone_ttl is None else max(1, round(tombstone_ttl * 1000))
+        folder = resources.files(__package__).joinpath("redis_scripts")
+        self._scripts = {
+            name: client.register_script(folder.joinpath(f"{name}.lua").read_text("utf-8"))
+            for name in _SCRIPTS
+        }
+        password = client.connection_pool.connection_kwargs.get("password")
+        self._password = str(password) if password else None
+        #: Each type's index definition as stored (raw JSON), loaded on first write.
+        self._definitions: dict[str, str] | None = None
+        self._types_key = f"{prefix}:types"
+        self._log_key = f"{prefix}:log"
+        self._definitions_key = f"{prefix}:indexes"
+
+    # -- keys -------------------------------------------------------------------
+
+    def state_key(self, state_id: str) -> str:
+        """The key of a state's document."""
+        return f"{self.prefix}:state:{{{state_id}}}"
+
+    def history_key(self, state_id: str) -> str:
+        """The key of a state's history list."""
+        return f"{self.prefix}:history:{{{state_id}}}"
+
+    def lock_key(self, state_id: str) -> str:
+        """The key of a state's write lock."""
+        return f"{self.prefix}:lock:{{{state_id}}}"
+
+    def type_key(self, type_name: str) -> str:
+        """The sorted set of a type's live states."""
+        return f"{self.prefix}:type:{type_name}"
+
+    def expiry_key(self, type_name: str) -> str:
+        """The sorted set of a type's live states that have an ``expires_at``."""
+        return f"{self.prefix}:expiry:{type_name}"
+
+    def index_key(self, type_name: str, field: str) -> str:
+        """The sorted set indexing a declared field of a type."""
+        return f"{self.prefix}:index:{type_name}:{field}"
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @contextmanager
+    def _redis(self) -> Iterator[None]:
+        """Turn any Redis error into :class:`BackendUnavailableError`."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> BackendUnavailableError:
+        # The first line of the driver's message, with no URL or password in it.
+        text = str(exc).strip()
+        reason = _URL.sub("<url>", text.splitlines()[0] if text else type(exc).__name__)
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        return BackendUnavailableError(f"Redis is unavailable: {reason}", backend="redis")
+
+    def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one of the Lua scripts (EVALSHA, loading it if the server lost it)."""
+        with self._redis():
+            return self._scripts[script](keys=keys, args=args)
+
+    def _load_definitions(self) -> dict[str, str]:
+        definitions = self._definitions
+        if definitions is None:
+            with self._redis():
+                stored = self.client.hgetall(self._definitions_key)
+            definitions = {_text(k): _text(v) for k, v in stored.items()}
+            self._definitions = definitions
+        return definitions
+
+    # -- schema -----------------------------------------------------------------
+
+    def setup(self, types: Iterable[TypeDefinition]) -> None:
+        """Load the scripts and build the index of every declared field.
+
+        A field declared for the first time is indexed from then on by every
+        write (in every process: writes check the definitions they planned
+        with), and the states already stored are added to its index before
+        searches use it. Fields are never dropped, as SQL indexes are not.
+        """
+        with self._redis():
+            for script in self._scripts.values():
+                self.client.script_load(script.script)
+        for definition in types:
+            if definition.indexes:
+                self._declare(definition.name, definition.indexes)
+        self._definitions = None
+
+    def _declare(self, type_name: str, fields: Sequence[str]) -> None:
+        for _ in range(100):
+            with self._redis():
+                raw = self.client.hget(self._definitions_key, type_name)
+            stored = _text(raw) if raw is not None else ""
+            current: dict[str, bool] = codec.loads(stored) if stored else {}
+            wanted = {**current, **{f: current.get(f, False) for f in fields}}
+            building = sorted(f for f, built in wanted.items() if not built)
+            if not building:
+                return
+            pending = _definition(wanted)
+            if pending != stored and not self._run(
+                "define", [self._definitions_key], [type_name, stored, pending]
+            ):
+                continue  # another process changed the definition: read it again
+            self._backfill(type_name, building)
+            done = _definition(dict.fromkeys(wanted, True))
+            if self._run("define", [self._definitions_key], [type_name, pending, done]):
+                return
+        raise BackendUnavailableError(
+            f"The indexes of type {type_name!r} kept changing while being built; run "
+            "create_all (flask states init-db) again.",
+            backend="redis",
+        )
+
+    def _backfill(self, type_name: str, fields: Sequence[str]) -> None:
+        """Index the stored states of a type under newly declared *fields*."""
+        cursor = 0
+        while True:
+            with self._redis():
+                cursor, found = self.client.zscan(self.type_key(type_name), cursor, count=500)
+                ids = [_text(cast("bytes | str", member)) for member, _score in found]
+                raws = self.client.mget([self.state_key(i) for i in ids]) if ids else []
+            keys = _Keys()
+            args: list[Any] = []
+            for state_id, raw in zip(ids, raws, strict=True):
+                state = None if raw is None else _state(raw)
+                if state is None or state["status"] in _TOMBSTONES or state["type"] != type_name:
+                    continue
+                for field in fields:
+                    member = _member(state, field)
+                    if member is not None:
+                        args += [
+                            keys.add(self.history_key(state_id)),
+                            state["version"],
+                            keys.add(self.index_key(type_name, field)),
+                            member,
+                        ]
+            if args:
+                self._run("backfill", keys.names, args)
+            if cursor == 0:
+                return
+
+    # -- reads ------------------------------------------------------------------
+
+    def get(self, state_id: str) -> State | None:
+        with self._redis():
+            raw = self.client.get(self.state_key(state_id))
+        return None if raw is None else _state(raw)
+
+    def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
+        if not state_ids:
+            return {}
+        with self._redis():
+            raws = self.client.mget([self.state_key(i) for i in state_ids])
+        return {i: _state(raw) for i, raw in zip(state_ids, raws, strict=True) if raw is not None}
+
+    def query(self, query: Query) -> tuple[list[State], int]:
+        if any(c.op == "contains" and c.root in _NOT_TEXT for c in query.conditions):
+            return [], 0  # a number or a timestamp never contains anything
+        keys = [self._definitions_key, self._types_key]
+        hints: list[list[Any]] = []
+        if query.type is not None:
+            keys += [self.type_key(query.type), self.expiry_key(query.type)]
+            for c in query.conditions:
+                if c.is_json and c.op in ("eq", "in"):
+                    field = ".".join((c.root, *c.path))
+                    values = c.value if c.op == "in" else (c.value,)
+                    encoded = dict.fromkeys(_encode(v) for v in values)
+                    keys.append(self.index_key(query.type, field))
+                    hints.append([field, len(keys), [e.decode() for e in encoded if e]])
+        conditions = [
+            {
+                "r": c.root,
+                "p": list(c.path),
+                "o": c.op,
+                "v": _jsonable(c.value),
+            }
+            for c in query.conditions
+        ]
+        reply = self._run(
+            "search",
+            keys,
+            [
+                self.prefix,
+                query.type or "",
+                _stamp(query.now),
+                _micros(query.now),
+                query.order.root,
+                "1" if query.order.descending else "0",
+                query.offset,
+                query.limit,
+                codec.dumps(conditions),
+                codec.dumps(hints),
+            ],
+        )
+        return [_state(raw) for raw in reply[1:] if raw is not None], int(reply[0])
+
+    def history(self, state_id: str, transition: str | None = None) -> list[Change]:
+        with self._redis():
+            raws = self.client.lrange(self.history_key(state_id), 0, -1)
+        changes = [_change(raw) for raw in raws]
+        if transition is None:
+            return changes
+        return [c for c in changes if c["transition"] == transition]
+
+    def recent_changes(self, state_id: str | None, limit: int) -> list[Change]:
+        if state_id is None:
+            raws = self._run("recent", [self._log_key], [self.prefix, limit])
+        else:
+            with self._redis():
+                raws = self.client.lrange(self.history_key(state_id), -limit, -1)[::-1]
+        return [_change(raw) for raw in raws if raw is not None]
+
+    def expired(self, now: datetime, limit: int) -> list[State]:
+        raws = self._run("expired", [self._types_key], [self.prefix, _micros(now), limit])
+        due = (_state(raw) for raw in raws if raw is not None)
+        return [s for s in due if s["status"] not in _TOMBSTONES and s.is_expired(now)]
+
+    def count(self) -> int:
+        return int(self._run("count", [self._types_key], [self.prefix]))
+
+    def check(self) -> dict[str, Any]:
+        with self._redis():
+            self.client.ping()
+        return {"component": "redis"}
+
+    # -- writes -----------------------------------------------------------------
+
+    def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        ids = sorted(set(state_ids))
+        token = uuid.uuid4().hex
+        rows = self._lock_and_read(ids, token)
+        released = False
+        try:
+            writes = plan({i: rows[i] for i in state_ids})
+            if writes:
+                self._commit(ids, rows, writes, token)
+                released = True  # the commit script released the locks
+            return writes
+        finally:
+            if not released:
+                self._unlock(ids, token)
+
+    def _lock_and_read(self, ids: Sequence[str], token: str) -> dict[str, State | None]:
+        """Lock every state in *ids* (waiting for other writers) and read them."""
+        keys = (
+            [self.lock_key(i) for i in ids]
+            + [self.state_key(i) for i in ids]
+            + [self.history_key(i) for i in ids]
+        )
+        deadline = time.monotonic() + self._lock_wait
+        pause = 0.0005
+        while True:
+            reply = self._run("lock_read", keys, [token, self._lock_ms])
+            if int(reply[0]) == 1:
+                break
+            if time.monotonic() >= deadline:
+                raise BackendUnavailableError(
+                    f"State {ids[int(reply[1]) - 1]!r} stayed locked by other writers for "
+                    f"{self._lock_wait:g} s; retry later.",
+                    backend="redis",
+                )
+            # Holders keep a lock for two round trips: poll soon, with jitter.
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.004)
+        rows: dict[str, State | None] = {}
+        for n, state_id in enumerate(ids):
+            raw, version, last = reply[1 + 3 * n : 4 + 3 * n]
+            if raw is not None:
+                rows[state_id] = _state(raw)
+            elif int(version) > 0:
+                rows[state_id] = _dropped_tombstone(state_id, int(version), last)
+            else:
+                rows[state_id] = None
+        return rows
+
+    def _unlock(self, ids: Sequence[str], token: str) -> None:
+        try:
+            self._run("unlock", [self.lock_key(i) for i in ids], [token])
+        except BackendUnavailableError:
+            pass  # the locks expire on their own; keep the error that brought us here
+
+    def _commit(
+        self,
+        ids: Sequence[str],
+        rows: Mapping[str, State | None],
+        writes: Sequence[Write],
+        token: str,
+    ) -> None:
+        """Run the commit script; raise :class:`VersionMismatch` if a state moved on."""
+        numbers = {state_id: n for n, state_id in enumerate(ids, 1)}
+        final: dict[str, State] = {}
+        for write in writes:
+            state_id = write.state["state_id"]
+            if state_id not in numbers:
+                raise ValueError(f"The plan wrote {state_id!r}, which apply() did not read.")
+            final[state_id] = write.state
+        for _ in range(10):
+            definitions = self._load_definitions()
+            keys = _Keys()
+            for state_id in ids:
+                keys.add(self.state_key(state_id))
+                keys.add(self.history_key(state_id))
+                keys.add(self.lock_key(state_id))
+            keys.add(self._definitions_key)
+            keys.add(self._log_key)
+            removals: list[Any] = []
+            additions: list[Any] = []
+            checked: set[str] = set()
+            for state_id, new in final.items():
+                old = rows.get(state_id)
+                before = self._entries(old, definitions)
+                after = self._entries(new, definitions)
+                for state in (old, new):
+                    if state is not None and state["status"] not in _TOMBSTONES:
+                        checked.add(state["type"])
+                for key, member in before:
+                    if (key, member) not in after:
+                        removals += ["zrem", keys.add(key), 0, member]
+                for (key, member), score in after.items():
+                    if before.get((key, member)) != score:
+                        additions += ["zadd", keys.add(key), score, member]
+                if new["status"] not in _TOMBSTONES:
+                    additions += ["sadd", keys.add(self._types_key), 0, new["type"]]
+            args: list[Any] = [
+                token,
+                self._tombstone_ms,
+                len(ids),
+                len(writes),
+                len(checked),
+                (len(removals) + len(additions)) // 4,
+                _LOG_LENGTH,
+            ]
+            for type_name in sorted(checked):
+                args += [type_name, definitions.get(type_name, "")]
+            for write in writes:
+                state = write.state
+                args += [
+                    numbers[state["state_id"]],
+                    write.expected_version,
+                    _document(state),
+                    _document(write.change),
+                    f"{state['state_id']} {state['version']}",
+                ]
+            for state_id in ids:
+                new_state = final.get(state_id)
+                args.append("1" if new_state and new_state["status"] in _TOMBSTONES else "0")
+            reply = self._run("commit", keys.names, args + removals + additions)
+            outcome = _text(reply[0])
+            if outcome in ("ok", "done"):
+                return
+            if outcome == "mismatch":
+                raise VersionMismatch(ids[int(reply[1]) - 1], int(reply[2]) or None)
+            self._definitions = None  # a field was declared meanwhile: plan again
+        raise BackendUnavailableError(
+            "The index definitions kept changing during a write; retry it.", backend="redis"
+        )
+
+    def _entries(
+        self, state: State | None, definitions: Mapping[str, str]
+    ) -> dict[tuple[str, bytes], int]:
+        """The index members of *state*: ``{(key, member): score}`` (none for tombstones)."""
+        if state is None or state["status"] in _TOMBSTONES:
+            return {}
+        type_name = state["type"]
+        state_id = state["state_id"].encode()
+        entries = {(self.type_key(type_name), state_id): _micros(state["updated_at"])}
+        if state["expires_at"] is not None:
+            entries[(self.expiry_key(type_name), state_id)] = _micros(state["expires_at"])
+        declared = definitions.get(type_name)
+        for field in sorted(codec.loads(declared)) if declared else ():
+            member = _member(state, field)
+            if member is not None:
+                entries[(self.index_key(type_name, field), member)] = 0
+        return entries
+
+    # -- maintenance ------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Delete this store's states, history, locks and index entries.
+
+        Declared index definitions stay (as SQL tables and indexes do), and so
+        do other keys under the prefix, such as a cache's. Uses ``SCAN``: it is
+        meant for tests and demos.
+        """
+        families = tuple(
+            f"{self.prefix}:{family}:"
+            for family in ("state", "history", "lock", "type", "expiry", "index")
+        )
+        singles = {self._types_key, self._log_key}
+        pattern = _GLOB.sub(r"\\\1", self.prefix) + ":*"
+        with self._redis():
+            doomed: list[Any] = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                name = _text(key)
+                if name in singles or name.startswith(families):
+                    doomed.append(key)
+                if len(doomed) >= 500:
+                    self.client.unlink(*doomed)
+                    doomed.clear()
+            if doomed:
+                self.client.unlink(*doomed)
+
+    def close(self) -> None:
+        """Close the client's connections (redis-py reconnects if it is used again)."""
+        self.client.close()
+
+
+class _Keys:
+    """The KEYS of a script call, each once, by 1-based number."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._numbers: dict[str, int] = {}
+
+    def add(self, name: str) -> int:
+        """Add *name* unless present; return its number."""
+        number = self._numbers.get(name)
+        if number is None:
+            self.names.append(name)
+            number = self._numbers[name] = len(self.names)
+        return number
+
+
+# -- documents ------------------------------------------------------------------
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stamp(value: datetime) -> str:
+    """ISO-8601 UTC with microseconds always present: fixed width, ordered as strings."""
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _micros(value: datetime) -> int:
+    """Microseconds since the epoch: exact as a sorted-set score until the year 2255."""
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _stamp(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _document(record: Mapping[str, Any]) -> bytes:
+    return codec.dumps({k: _stamp(v) if isinstance(v, datetime) else v for k, v in record.items()})
+
+
+def _state(raw: bytes | str) -> State:
+    return State.from_json(codec.loads(raw))
+
+
+def _change(raw: bytes | str) -> Change:
+    return Change.from_json(codec.loads(raw))
+
+
+def _dropped_tombstone(state_id: str, version: int, last: bytes | str | None) -> State:
+    """Stand-in for a tombstone whose document Redis dropped, from its last change.
+
+    Only the engine's plan sees it (reads return ``None``); all a plan takes from
+    a tombstone is its version, so a new registration goes on from there.
+    """
+    change = _change(last) if last is not None else None
+    status = change["metadata"].get("to_status") if change else None
+    when = change["created_at"] if change else _EPOCH
+    return State.from_columns(
+        state_id=state_id,
+        name=state_id,
+        type="",
+        status=status if status in _TOMBSTONES else DELETED,
+        data={},
+        metadata={},
+        version=version,
+        created_at=when,
+        updated_at=when,
+        expires_at=None,
+    )
+
+
+def _definition(fields: Mapping[str, bool]) -> str:
+    return codec.dumps(dict(sorted(fields.items()))).decode()
+
+
+# -- declared field indexes -----------------------------------------------------------
+
+
+def _encode(value: Any) -> bytes | None:
+    """A scalar as an index key: equal (by the reference semantics) iff equal bytes.
+
+    Kinds are tagged so ``True`` is not ``1``; numbers equal in Python (``1``
+    and ``1.0``) share one form, and integers stay exact. Lists and objects
+    are not indexed.
+    """
+    if value is None:
+        return b"z"
+    if value is True:
+        return b"t"
+    if value is False:
+        return b"f"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return b"n%d" % value
+    if isinstance(value, float):
+        return b"n" + repr(value).encode()
+    if isinstance(value, str):
+        return b"s" + value.encode()
+    return None
+
+
+def _member(state: State, field: str) -> bytes | None:
+    """The member of *state* in the index of *field*, or ``None`` if not a scalar there."""
+    root, *path = field.split(".")
+    value: Any = state[root]
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
+            return None
+        value = value[name]
+    encoded = _encode(value)
+    return None if encoded is None else encoded + b"\0" + state["state_id"].encode()
