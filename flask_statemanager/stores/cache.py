@@ -1,0 +1,731 @@
+"""The Redis cache in front of a store: read-through, write-through after commit.
+
+:class:`CachedStore` wraps the SQL (or memory) store. Reads look in Redis first
+and fill it from the store on a miss; writes commit in the store, then write
+the committed records through. The store stays the truth: Redis may lose
+anything at any time, and while it is unreachable every read and write goes on
+against the store (the health report says ``degraded``).
+
+Keys
+----
+
+``<prefix>:cache:{<state_id>}``
+    One string per state, hash-tagged by id: ``<generation>:<version>:<JSON>``
+    for a record (version ``0`` and no JSON for an id the store does not have),
+    or ``m:<generation>:<token>`` for a *fill lease* (below). Every entry
+    expires after ``ttl`` seconds, leases after at most 30.
+``<prefix>:cache:generation``
+    A hash, never expiring: ``n``, the current generation, and ``run``, the
+    Redis ``run_id`` of the server instance that set it.
+
+Every access is one Lua script (``EVALSHA``), so each decision below is atomic
+in Redis. The scripts touch the generation key and state keys together, so the
+cache needs one Redis primary, not Redis Cluster.
+
+Why a read never returns a version older than the last committed one
+--------------------------------------------------------------------
+
+1. **Generations.** An entry counts only if it carries the current generation
+   ``n``; a *bump* (``n`` becomes ``max(n + 1, Redis time in ms)``, so it never
+   repeats even if the hash is lost) invalidates every entry at once, for every
+   process.
+2. **Fill leases.** A miss leaves a lease ``m:<n>:<token>`` in the key (or
+   shares the one already there); the reader then reads the store and fills
+   only if its lease is still in place or the entry holds a lower version. A
+   write-through *deletes* a lease. So a slow reader whose store read predates
+   a commit cannot leave its old version behind: if it fills before the
+   commit's write-through, the write-through replaces the lower version; if
+   after, its lease is gone; and a lease taken after the commit precedes a
+   store read that sees the commit. Leases also make eviction harmless: an
+   evicted entry is absent, and nothing but a lease-holding fill creates an
+   entry from nothing.
+3. **Write-through** (after the store committed) replaces only an entry of the
+   current generation with a *lower* version, and never creates one: a missing
+   key may have held a newer version that was evicted, so the next read fills
+   it instead. Two writers' write-throughs in any order leave the higher
+   version.
+4. **Unknown outcomes invalidate.** When the store fails mid-write (the commit
+   may or may not have happened), the touched keys are deleted.
+5. **A process that saw Redis fail bumps before it uses Redis again.** Any
+   error or timeout opens the circuit: for ``cooldown`` seconds the process
+   leaves Redis alone, and writes commit without write-through, so Redis may
+   keep older versions. The first call after the cooldown (or a health check)
+   is the half-open probe, and its script bumps the generation before it
+   reads; until that succeeds the circuit stays open. One failed
+   write-through therefore invalidates the whole cache before the writer's
+   process reads it again.
+6. **A restarted or replaced server is bumped before its first read.** Redis
+   may come back from its AOF or RDB file with old entries *and* the old
+   generation hash. Every script compares the hash's ``run`` with the server's
+   own ``run_id`` (``INFO server``, which changes on every restart and differs
+   on a promoted replica) and bumps first when they differ, all inside the
+   script. So after a restart no process, whether it saw the outage or not,
+   new or old, reads an entry written before it.
+
+The guarantee this gives: a read starting after a write returned sees that
+write or a newer one, provided Redis was reachable for the write-through, or
+was restarted, or the writer's process has since been back in touch with it.
+
+The gap that remains is a **partial network partition**: a writer that cannot
+reach Redis commits, while other processes still can (or Redis was paused and
+resumes without a restart). Those processes may read the older entry until the
+writer's process bumps (its next call or health check after ``cooldown`` once
+Redis is reachable from it) or the entry's ``ttl`` ends. Closing that gap needs
+a fence the writer can always reach, which only the database is: e.g. a cache
+epoch row bumped in the write's transaction and compared on every cached read
+(a database round trip per read, which defeats the cache), or refusing writes
+while the cache cannot be invalidated (which gives up availability). This
+cache chooses availability with bounded staleness in that one case.
+
+Timeouts
+--------
+
+The cache talks to Redis through its own client, built from the given
+client's connection settings with ``socket_timeout`` and
+``socket_connect_timeout`` of ``timeout / 4`` and one retry without backoff:
+a reply that times out, the reconnection and the retry's reply are four such
+waits at most, so a call gives up within ``timeout`` (on a paused server the
+first call takes about ``timeout / 2``). After a failure the circuit keeps
+every call away from Redis for ``cooldown`` seconds.
+Redis errors never reach the caller: they are logged on the
+``flask_statemanager`` logger, counted (:meth:`CachedStore.stats`), and the
+store answers instead.
+
+The Redis user needs ``EVALSHA``/``SCRIPT LOAD``, ``INFO``, ``SCAN``/``UNLINK``
+(for :meth:`~CachedStore.reset`) and the keys above.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .. import codec
+from ..definitions import TypeDefinition
+from ..errors import BackendUnavailableError, StateManagerError
+from ..query import Query
+from ..records import Change, State, isoformat, utcnow
+from .base import Plan, Store, VersionMismatch, Write
+
+logger = logging.getLogger("flask_statemanager")
+
+T = TypeVar("T")
+
+#: How long a fill lease lives at most: a store read slower than this fills nothing.
+LEASE_SECONDS = 30.0
+
+# Connection settings that belong to the given client's pool, or that the cache
+# sets itself; everything else (address, database, credentials, TLS) is kept. A
+# Sentinel-managed connection keeps ``connection_pool``: it asks that pool for
+# the current primary, and connects to it with the cache's timeouts.
+_POOL_OWNED = frozenset(
+    {
+        "cache",
+        "cache_config",
+        "decode_responses",
+        "himport_registry",
+        "maint_notifications_config",
+        "maint_notifications_pool_handler",
+        "max_connections",
+        "orig_host_address",
+        "orig_socket_connect_timeout",
+        "orig_socket_timeout",
+        "retry",
+        "retry_on_error",
+        "retry_on_timeout",
+        "socket_connect_timeout",
+        "socket_timeout",
+    }
+)
+
+# -- Lua ----------------------------------------------------------------------------
+#
+# KEYS[1] is always the generation hash, KEYS[2..] the state keys; ARGV[1] is
+# "1" when the calling process must bump before it uses the cache.
+
+_GENERATION = """
+local function generation(bump)
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local stored = redis.call('HMGET', KEYS[1], 'n', 'run')
+  local n = tonumber(stored[1])
+  if n == nil or bump or stored[2] ~= run then
+    local t = redis.call('TIME')
+    local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if n == nil or n < floor then n = floor else n = n + 1 end
+    redis.call('HSET', KEYS[1], 'n', string.format('%d', n), 'run', run)
+  end
+  return string.format('%d', n)
+end
+local function version_of(entry)
+  return tonumber(string.match(entry, '^%d+:(%d+):'))
+end
+local g = generation(ARGV[1] == '1')
+local live = g .. ':'
+local lease = 'm:' .. live
+"""
+
+# -> {generation, entry or lease per key}. A miss takes a lease (ARGV[2] its
+# token, ARGV[3] its lifetime in ms) or shares the current one.
+_READ = (
+    _GENERATION
+    + """
+local out = {g}
+for i = 2, #KEYS do
+  local entry = redis.call('GET', KEYS[i])
+  if not (entry and string.sub(entry, 1, #live) == live) then
+    if not (entry and string.sub(entry, 1, #lease) == lease) then
+      entry = lease .. ARGV[2]
+      redis.call('SET', KEYS[i], entry, 'PX', ARGV[3])
+    end
+  end
+  out[i] = entry
+end
+return out
+"""
+)
+
+# ARGV[2]: ttl in ms; then per key: the lease from the read, version, JSON.
+# -> how many entries were filled.
+_FILL = (
+    _GENERATION
+    + """
+local filled = 0
+for i = 2, #KEYS do
+  local j = 3 * i - 3
+  local entry = redis.call('GET', KEYS[i])
+  local ok = false
+  if entry and entry == ARGV[j] and string.sub(entry, 1, #lease) == lease then
+    ok = true
+  elseif entry and string.sub(entry, 1, #live) == live then
+    ok = version_of(entry) < tonumber(ARGV[j + 1])
+  end
+  if ok then
+    redis.call('SET', KEYS[i], live .. ARGV[j + 1] .. ':' .. ARGV[j + 2], 'PX', ARGV[2])
+    filled = filled + 1
+  end
+end
+return filled
+"""
+)
+
+# ARGV[2]: ttl in ms; then per key: version, JSON. -> how many entries were replaced.
+_WRITE = (
+    _GENERATION
+    + """
+local written = 0
+for i = 2, #KEYS do
+  local j = 2 * i - 1
+  local entry = redis.call('GET', KEYS[i])
+  if entry and string.sub(entry, 1, #live) == live then
+    if version_of(entry) < tonumber(ARGV[j]) then
+      redis.call('SET', KEYS[i], live .. ARGV[j] .. ':' .. ARGV[j + 1], 'PX', ARGV[2])
+      written = written + 1
+    end
+  elseif entry and string.sub(entry, 1, #lease) == lease then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return written
+"""
+)
+
+# Delete the state keys; -> the generation.
+_INVALIDATE = (
+    _GENERATION
+    + """
+for i = 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return g
+"""
+)
+
+# -> the generation: the health check, and the half-open probe.
+_PROBE = _GENERATION + "return g"
+
+# -> {generation, entry of the current generation or false per key}; writes no lease.
+_PEEK = (
+    _GENERATION
+    + """
+local out = {g}
+for i = 2, #KEYS do
+  local entry = redis.call('GET', KEYS[i])
+  if entry and string.sub(entry, 1, #live) == live then out[i] = entry else out[i] = false end
+end
+return out
+"""
+)
+
+
+class _Skipped(Exception):
+    """Redis is not being used right now (circuit open), or the call failed."""
+
+
+class _Circuit:
+    """The circuit breaker, and whether this process owes the generation a bump.
+
+    Closed: calls go to Redis. After a failure it opens for ``cooldown``
+    seconds; then one call (the half-open probe) goes through and bumps the
+    generation; only its success closes the circuit.
+    """
+
+    def __init__(self, cooldown: float) -> None:
+        self.cooldown = cooldown
+        self._lock = threading.Lock()
+        self._open_until = 0.0
+        self.must_bump = False
+        self.faults = 0
+        self.last_error: str | None = None
+
+    def admit(self) -> tuple[bool, int] | None:
+        """``None`` to skip Redis, else (whether to bump, faults seen so far)."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._open_until:
+                return None
+            if self.must_bump:
+                # The half-open probe: everyone else keeps skipping until it is back.
+                self._open_until = now + self.cooldown
+            return self.must_bump, self.faults
+
+    def succeeded(self, bumped: bool, seen: int) -> bool:
+        """Record a call that worked; ``True`` if it closed the circuit."""
+        with self._lock:
+            # A failure since the probe started still owes a bump of its own.
+            if bumped and self.must_bump and seen == self.faults:
+                self.must_bump = False
+                self._open_until = 0.0
+                return True
+            return False
+
+    def failed(self, error: str) -> None:
+        with self._lock:
+            self.faults += 1
+            self.must_bump = True
+            self._open_until = time.monotonic() + self.cooldown
+            self.last_error = error
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half-open"`` (a probe is due)."""
+        with self._lock:
+            if not self.must_bump:
+                return "closed"
+            return "open" if time.monotonic() < self._open_until else "half-open"
+
+    def retry_in(self) -> float:
+        with self._lock:
+            return max(0.0, self._open_until - time.monotonic())
+
+
+class CachedStore(Store):
+    """A store with a Redis cache in front (the protocol is in the module docstring).
+
+    :param inner: the store that holds the truth (SQL or memory).
+    :param client: a redis-py client; the cache makes its own from its
+        connection settings, with the timeouts below, and never changes it.
+    :param prefix: first part of every cache key.
+    :param ttl: seconds an entry stays in Redis after it was filled or written.
+    :param timeout: most seconds one Redis call (with its retry) may take.
+    :param cooldown: seconds to leave Redis alone after it failed.
+    """
+
+    def __init__(
+        self,
+        inner: Store,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        ttl: float,
+        timeout: float,
+        cooldown: float,
+    ) -> None:
+        self.inner = inner
+        self.kind = inner.kind  # type: ignore[misc]  # health and metrics name the store
+        self.embedded = inner.embedded
+        self.prefix = prefix
+        self.ttl = ttl
+        self.timeout = timeout
+        self._ttl_ms = str(max(1, round(ttl * 1000)))
+        self._lease_ms = str(max(1, round(min(ttl, LEASE_SECONDS) * 1000)))
+        self._generation_key = f"{prefix}:cache:generation"
+        self.client = _derive_client(client, timeout)
+        self._read_script = self.client.register_script(_READ)
+        self._fill_script = self.client.register_script(_FILL)
+        self._write_script = self.client.register_script(_WRITE)
+        self._invalidate_script = self.client.register_script(_INVALIDATE)
+        self._peek_script = self.client.register_script(_PEEK)
+        self._probe_script = self.client.register_script(_PROBE)
+        self._circuit = _Circuit(cooldown)
+        self._stats_lock = threading.Lock()
+        self._stats = dict.fromkeys(
+            ("hits", "misses", "fills", "write_throughs", "invalidations", "errors", "skipped"),
+            0,
+        )
+
+    # -- keys and entries -----------------------------------------------------------
+
+    def key(self, state_id: str) -> str:
+        """The Redis key caching *state_id*."""
+        return f"{self.prefix}:cache:{{{state_id}}}"
+
+    def _keys(self, state_ids: Iterable[str]) -> list[str]:
+        return [self._generation_key, *map(self.key, state_ids)]
+
+    @staticmethod
+    def _decode(entry: bytes) -> State | None:
+        """``<generation>:<version>:<JSON>`` → the record (``None`` for version 0)."""
+        first = entry.index(b":")
+        second = entry.index(b":", first + 1)
+        if entry[first + 1 : second] == b"0":
+            return None
+        return State.from_json(codec.loads(memoryview(entry)[second + 1 :]))
+
+    @staticmethod
+    def _encode(state: State | None) -> tuple[str, bytes]:
+        """A record (or ``None``) → its version and JSON, as the scripts take them."""
+        if state is None:
+            return "0", b""
+        return str(state["version"]), codec.dumps(state.to_json())
+
+    # -- calling Redis --------------------------------------------------------------
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for name, delta in deltas.items():
+                self._stats[name] += delta
+
+    def _call(self, what: str, fn: Callable[[bool], T]) -> T:
+        """Run ``fn(bump)`` against Redis under the circuit breaker.
+
+        :raises _Skipped: the circuit is open or the call failed (logged and
+            counted); the caller goes on with the store alone.
+        """
+        admitted = self._circuit.admit()
+        if admitted is None:
+            self._count(skipped=1)
+            raise _Skipped
+        bump, seen = admitted
+        try:
+            result = fn(bump)
+        except Exception as exc:  # any failure of the cache means: use the store
+            error = _describe(exc)
+            self._circuit.failed(error)
+            self._count(errors=1)
+            logger.warning(
+                "Redis cache %s failed (%s); reads and writes go to the database, next "
+                "try in %.3gs.",
+                what,
+                error,
+                self._circuit.cooldown,
+                exc_info=not isinstance(exc, redis.ConnectionError | redis.TimeoutError),
+            )
+            raise _Skipped from exc
+        if self._circuit.succeeded(bump, seen):
+            logger.info("Redis cache is back; generation bumped, older entries are ignored.")
+        return result
+
+    def _lookup(self, state_ids: Sequence[str]) -> tuple[dict[str, State | None], dict[str, bytes]]:
+        """Cached records (hits), and the fill lease for each miss: one round trip.
+
+        :raises _Skipped: Redis is not available.
+        """
+        token = os.urandom(8).hex()
+
+        def run(bump: bool) -> tuple[dict[str, State | None], dict[str, bytes]]:
+            reply = self._read_script(
+                keys=self._keys(state_ids),
+                args=["1" if bump else "0", token, self._lease_ms],
+                client=self.client,
+            )
+            # Decoded here, so a damaged entry counts as a cache failure (and is
+            # left behind by the bump that follows) rather than reaching the caller.
+            hits: dict[str, State | None] = {}
+            leases: dict[str, bytes] = {}
+            for state_id, entry in zip(state_ids, reply[1:], strict=True):
+                if entry.startswith(b"m:"):
+                    leases[state_id] = entry
+                else:
+                    hits[state_id] = self._decode(entry)
+            return hits, leases
+
+        return self._call("read", run)
+
+    def _fill(self, leases: Mapping[str, bytes], rows: Mapping[str, State | None]) -> int:
+        """Install what the store returned for ids read under *leases*; how many went in.
+
+        An id missing from *rows* is cached as absent. A fill whose lease is
+        gone and that holds no newer version than the entry changes nothing.
+        """
+        if not leases:
+            return 0
+        args: list[Any] = []
+        for state_id, lease in leases.items():
+            args.extend((lease, *self._encode(rows.get(state_id))))
+
+        def run(bump: bool) -> int:
+            return int(
+                self._fill_script(
+                    keys=self._keys(leases),
+                    args=["1" if bump else "0", self._ttl_ms, *args],
+                    client=self.client,
+                )
+            )
+
+        try:
+            filled = self._call("fill", run)
+        except _Skipped:
+            return 0
+        self._count(fills=filled)
+        return filled
+
+    def _write_through(self, writes: Sequence[Write]) -> None:
+        """Replace cached entries of the committed states that hold a lower version."""
+        latest: dict[str, State] = {}
+        for write in writes:  # a batch may write one state twice: keep the last
+            latest[write.state["state_id"]] = write.state
+        args: list[Any] = []
+        for state in latest.values():
+            args.extend(self._encode(state))
+
+        def run(bump: bool) -> int:
+            return int(
+                self._write_script(
+                    keys=self._keys(latest),
+                    args=["1" if bump else "0", self._ttl_ms, *args],
+                    client=self.client,
+                )
+            )
+
+        try:
+            self._count(write_throughs=self._call("write-through", run))
+        except _Skipped:
+            pass  # the circuit is open: this process bumps before it reads Redis again
+
+    def _invalidate(self, state_ids: Sequence[str]) -> None:
+        """Delete the entries of *state_ids*: always safe, whatever the store holds."""
+
+        def run(bump: bool) -> Any:
+            return self._invalidate_script(
+                keys=self._keys(state_ids), args=["1" if bump else "0"], client=self.client
+            )
+
+        try:
+            self._call("invalidation", run)
+            self._count(invalidations=len(state_ids))
+        except _Skipped:
+            pass
+
+    # -- reads ----------------------------------------------------------------------
+
+    def get(self, state_id: str) -> State | None:
+        try:
+            hits, leases = self._lookup([state_id])
+        except _Skipped:
+            self._count(misses=1)
+            return self.inner.get(state_id)
+        if state_id in hits:
+            self._count(hits=1)
+            return hits[state_id]
+        self._count(misses=1)
+        row = self.inner.get(state_id)
+        self._fill(leases, {state_id: row})
+        return row
+
+    def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
+        ids = list(dict.fromkeys(state_ids))
+        if not ids:
+            return {}
+        try:
+            hits, leases = self._lookup(ids)
+        except _Skipped:
+            self._count(misses=len(ids))
+            return self.inner.get_many(ids)
+        self._count(hits=len(hits), misses=len(leases))
+        found = {i: s for i, s in hits.items() if s is not None}
+        if leases:
+            rows = self.inner.get_many(list(leases))
+            self._fill(leases, rows)
+            found.update(rows)
+        return {i: found[i] for i in ids if i in found}
+
+    def peek(self, state_id: str) -> State | None:
+        """The record Redis would serve for *state_id*, without filling (tests, diagnostics).
+
+        :raises BackendUnavailableError: Redis is not available.
+        """
+
+        def run(bump: bool) -> State | None:
+            entry = self._peek_script(
+                keys=self._keys([state_id]), args=["1" if bump else "0"], client=self.client
+            )[1]
+            return None if entry is None else self._decode(entry)
+
+        try:
+            return self._call("peek", run)
+        except _Skipped:
+            raise BackendUnavailableError(
+                f"The Redis cache is unavailable: {self._circuit.last_error}", backend="redis"
+            ) from None
+
+    # -- writes -------------------------------------------------------------------------
+
+    def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        try:
+            writes = self.inner.apply(state_ids, plan)
+        except VersionMismatch:
+            raise  # nothing was written
+        except StateManagerError as exc:
+            if isinstance(exc, BackendUnavailableError):
+                self._invalidate(state_ids)  # the commit may have happened
+            raise
+        except BaseException:
+            self._invalidate(state_ids)
+            raise
+        if writes:
+            self._write_through(writes)
+        return writes
+
+    # -- the rest is the store's ----------------------------------------------------------
+
+    def setup(self, types: Iterable[TypeDefinition]) -> None:
+        self.inner.setup(types)
+
+    def query(self, query: Query) -> tuple[list[State], int]:
+        return self.inner.query(query)
+
+    def history(self, state_id: str, transition: str | None = None) -> list[Change]:
+        return self.inner.history(state_id, transition)
+
+    def recent_changes(self, state_id: str | None, limit: int) -> list[Change]:
+        return self.inner.recent_changes(state_id, limit)
+
+    def expired(self, now: datetime, limit: int) -> list[State]:
+        return self.inner.expired(now, limit)
+
+    def count(self) -> int:
+        return self.inner.count()
+
+    def check(self) -> dict[str, Any]:
+        return self.inner.check()
+
+    def reset(self) -> None:
+        """Empty the store, drop every cache entry and bump the generation."""
+        self.inner.reset()
+        pattern = _glob_escape(f"{self.prefix}:cache:") + "{*"
+
+        def run(bump: bool) -> Any:  # bumps whether this process owes it or not
+            batch: list[Any] = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    self.client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                self.client.unlink(*batch)
+            # Fills in flight hold leases of the old generation: they go nowhere.
+            return self._probe_script(keys=[self._generation_key], args=["1"], client=self.client)
+
+        try:
+            self._call("reset", run)
+        except _Skipped:
+            pass
+        with self._stats_lock:
+            self._stats = dict.fromkeys(self._stats, 0)
+
+    def close(self) -> None:
+        self.client.connection_pool.disconnect()
+        self.inner.close()
+
+    # -- health and metrics -------------------------------------------------------------
+
+    def components(self) -> dict[str, dict[str, Any]]:
+        """``{"redis": {...}}``: ``down`` while the circuit is open or the probe fails.
+
+        The probe runs the generation script, so a health check also serves as
+        the half-open probe that brings the cache back after an outage.
+        """
+        start = time.perf_counter()
+        report: dict[str, Any] = {"component": "redis", "time": isoformat(utcnow())}
+
+        def probe(bump: bool) -> Any:
+            return self._probe_script(
+                keys=[self._generation_key], args=["1" if bump else "0"], client=self.client
+            )
+
+        try:
+            self._call("health check", probe)
+            report["status"] = "up"
+        except _Skipped:
+            report["status"] = "down"
+            reason = (self._circuit.last_error or "unavailable").rstrip(".")
+            report["error"] = (
+                f"{reason}; the cache is bypassed, next try in {self._circuit.retry_in():.3g}s"
+            )
+        report["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        report["circuit"] = self._circuit.state
+        return {"redis": report}
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        with self._stats_lock:
+            reads = self._stats["hits"] + self._stats["misses"]
+            return None if reads == 0 else self._stats["hits"] / reads
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: hits, misses, fills, write-throughs, errors, skipped calls.
+
+        ``skipped`` counts calls that left Redis alone because the circuit was open.
+        """
+        with self._stats_lock:
+            snapshot: dict[str, Any] = dict(self._stats)
+        snapshot["hit_rate"] = self.cache_hit_rate
+        snapshot["circuit"] = self._circuit.state
+        return snapshot
+
+
+def _derive_client(client: redis.Redis, timeout: float) -> redis.Redis:
+    """A client for the same server as *client*, with the cache's timeouts and one retry."""
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
+    # A call may connect, time out, reconnect and time out again: four waits.
+    wait = timeout / 4
+    kwargs.update(
+        socket_timeout=wait,
+        socket_connect_timeout=wait,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+    )
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # pragma: no cover - older redis-py
+        pass
+    else:
+        # Maintenance mode would relax the timeouts to seconds.
+        kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    own_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    return redis.Redis(connection_pool=own_pool)
+
+
+_ADDRESS = re.compile(r"(?:rediss?|unix)://\S*|\S+@\S+|[\w.\[\]-]*:\d{2,5}\b|(?<!\w)/\S+")
+
+
+def _describe(exc: BaseException) -> str:
+    """The error's class and first line, without addresses, URLs or paths."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = _ADDRESS.sub("<redis>", text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
