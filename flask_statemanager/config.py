@@ -18,7 +18,8 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
     (
         "STATEMANAGER_STORE",
         None,
-        "Store kind: 'sql' or 'memory'; None picks it from the database URI.",
+        "Store kind: 'sql', 'memory' or 'redis' (states and history in Redis alone); None "
+        "picks it from the database URI.",
     ),
     (
         "STATEMANAGER_DATABASE_URI",
@@ -32,6 +33,34 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
         "Extra keyword arguments for sqlalchemy.create_engine when the extension makes its own.",
     ),
     ("STATEMANAGER_TABLE_PREFIX", "statemanager_", "Prefix of the states and history table names."),
+    (
+        "STATEMANAGER_REDIS_URL",
+        None,
+        "Redis URL: the cache in front of the SQL store, or the Redis store's server; None "
+        "uses the redis_manager given to the extension, if any (no cache otherwise).",
+    ),
+    (
+        "STATEMANAGER_KEY_PREFIX",
+        "statemanager",
+        "First part of every Redis key the extension writes.",
+    ),
+    ("STATEMANAGER_CACHE_TTL", 3600, "Seconds a cached state stays in Redis unread or unchanged."),
+    (
+        "STATEMANAGER_CACHE_TIMEOUT",
+        0.1,
+        "Seconds the cache waits for Redis (connect and each reply) before going on without it.",
+    ),
+    (
+        "STATEMANAGER_CACHE_COOLDOWN",
+        1.0,
+        "Seconds the cache leaves Redis alone after a failure before trying it again.",
+    ),
+    (
+        "STATEMANAGER_SWEEP_INTERVAL",
+        None,
+        "Seconds between background TTL sweeps in each process; None sweeps only lazily on "
+        "read and through `flask states sweep`.",
+    ),
     (
         "STATEMANAGER_SQLITE_SYNCHRONOUS",
         "FULL",
@@ -84,6 +113,12 @@ class Settings:
     callback_retries: int
     callback_workers: int
     write_retries: int
+    redis_url: str | None
+    key_prefix: str
+    cache_ttl: float
+    cache_timeout: float
+    cache_cooldown: float
+    sweep_interval: float | None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -102,9 +137,37 @@ class Settings:
                 f"STATEMANAGER_CALLBACK_MODE must be 'sync' or 'thread', got {mode!r}."
             )
         store = values["STATEMANAGER_STORE"]
-        if store not in (None, "sql", "memory"):
+        if store not in (None, "sql", "memory", "redis"):
             raise ConfigurationError(
-                f"STATEMANAGER_STORE must be 'sql' or 'memory', got {store!r}."
+                f"STATEMANAGER_STORE must be 'sql', 'memory' or 'redis', got {store!r}."
+            )
+
+        def seconds(key: str, *, optional: bool = False) -> Any:
+            value = values[key]
+            if value is None and optional:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(
+                    f"{key} must be a positive number of seconds, got {value!r}."
+                )
+            return float(value)
+
+        key_prefix = values["STATEMANAGER_KEY_PREFIX"]
+        if (
+            not isinstance(key_prefix, str)
+            or not key_prefix
+            or any(c in key_prefix for c in " {}\n\r\t")
+        ):
+            raise ConfigurationError(
+                "STATEMANAGER_KEY_PREFIX must be a non-empty string without spaces or braces."
+            )
+        redis_url = values["STATEMANAGER_REDIS_URL"]
+        if redis_url is not None and not (
+            isinstance(redis_url, str)
+            and redis_url.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            raise ConfigurationError(
+                "STATEMANAGER_REDIS_URL must be a redis://, rediss:// or unix:// URL."
             )
         sync = str(values["STATEMANAGER_SQLITE_SYNCHRONOUS"]).upper()
         if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -135,4 +198,10 @@ class Settings:
             callback_retries=retries,
             callback_workers=positive_int("STATEMANAGER_CALLBACK_WORKERS"),
             write_retries=positive_int("STATEMANAGER_WRITE_RETRIES"),
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            cache_ttl=seconds("STATEMANAGER_CACHE_TTL"),
+            cache_timeout=seconds("STATEMANAGER_CACHE_TIMEOUT"),
+            cache_cooldown=seconds("STATEMANAGER_CACHE_COOLDOWN"),
+            sweep_interval=seconds("STATEMANAGER_SWEEP_INTERVAL", optional=True),
         )

@@ -417,6 +417,16 @@ def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
     return committed[0][0].state if committed else None
 
 
+def sweep(registry: Registry, runtime: Runtime, limit: int) -> int:
+    """Record the EXPIRE change of up to *limit* states whose TTL passed; return how many.
+
+    Each expiry is decided under the store's lock from a fresh read, so workers
+    sweeping at once record every expiry exactly once.
+    """
+    due = runtime.store.expired(utcnow(), limit)
+    return sum(expire(registry, runtime, row["state_id"]) is not None for row in due)
+
+
 def after_commit(
     registry: Registry, runtime: Runtime, committed: Sequence[tuple[Write, State | None]]
 ) -> None:

@@ -9,15 +9,17 @@ different databases never see each other's states.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from flask import current_app, has_app_context
 
 from .config import DEFAULTS, Settings
-from .engine import Registry
+from .engine import Registry, sweep
 from .errors import ConfigurationError
 from .events import make_executor
 from .metrics import Metrics
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
 EXTENSION_KEY = "statemanager"
+logger = logging.getLogger("flask_statemanager")
 
 
 class Runtime:
@@ -41,9 +44,37 @@ class Runtime:
         self.executor: ThreadPoolExecutor | None = (
             make_executor(settings.callback_workers) if settings.callback_mode == "thread" else None
         )
+        self._sweeper: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start_sweeper(self, registry: Registry) -> None:
+        """Sweep expired states every ``STATEMANAGER_SWEEP_INTERVAL`` seconds in a daemon thread.
+
+        Every worker process may run one: each expiry is still recorded once.
+        """
+        interval = self.settings.sweep_interval
+        if interval is None or self._sweeper is not None:
+            return
+
+        def run() -> None:
+            while not self._stopping.wait(interval):
+                try:
+                    # Callbacks and receivers of the EXPIRE changes get the app's context.
+                    with self.app.app_context() if self.app else nullcontext():
+                        sweep(registry, self, limit=1000)
+                except Exception:  # the database may be down; try again next time
+                    logger.warning(
+                        "Background TTL sweep failed; retrying in %ss.", interval, exc_info=True
+                    )
+
+        self._sweeper = threading.Thread(target=run, name="statemanager-sweeper", daemon=True)
+        self._sweeper.start()
 
     def close(self) -> None:
-        """Finish queued callbacks and release the store's connections."""
+        """Stop the sweeper, finish queued callbacks and release the store's connections."""
+        self._stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         self.store.close()
@@ -147,12 +178,14 @@ class StateManager(StateOperations):
             previous = app.extensions.pop(EXTENSION_KEY, None)
             if isinstance(previous, Runtime):
                 previous.close()
-            store = create_store(app, settings, self._database_manager)
+            store = create_store(app, settings, self._database_manager, self._redis_manager)
             # Embedded stores get their tables here; server databases through
             # `flask states init-db`, so no app start-up runs DDL on production.
             if store.embedded:
                 store.setup(self._registry.types.values())
-            app.extensions[EXTENSION_KEY] = Runtime(app, settings, store)
+            runtime = Runtime(app, settings, store)
+            runtime.start_sweeper(self._registry)
+            app.extensions[EXTENSION_KEY] = runtime
             self._apps.add(app)
         from .cli import states
 
@@ -177,10 +210,13 @@ class StateManager(StateOperations):
             with self._lock:
                 if self._standalone is None:
                     settings = Settings.from_mapping(DEFAULTS)
-                    store = create_store(None, settings, self._database_manager)
+                    store = create_store(
+                        None, settings, self._database_manager, self._redis_manager
+                    )
                     if store.embedded:
                         store.setup(self._registry.types.values())
                     self._standalone = Runtime(None, settings, store)
+                    self._standalone.start_sweeper(self._registry)
                 return self._standalone
         apps = list(self._apps)
         if len(apps) == 1:

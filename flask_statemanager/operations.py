@@ -38,6 +38,7 @@ from .engine import (
     expire,
     is_live,
     needs_expiry,
+    sweep,
     write,
 )
 from .errors import BackendUnavailableError, ConfigurationError, StateManagerError
@@ -480,31 +481,45 @@ class StateOperations:
 
         :returns: how many states this call expired.
         """
+        if type(limit) is not int or limit < 1:
+            raise _Invalid("limit must be a positive integer.", {"limit": ["A positive integer."]})
         with self._operation("sweep_expired") as runtime:
-            due = runtime.store.expired(utcnow(), limit)
-            return sum(expire(self._registry, runtime, row["state_id"]) is not None for row in due)
+            return sweep(self._registry, runtime, limit)
 
     # -- operations and health ---------------------------------------------------
 
     def get_health_status(self) -> dict[str, Any]:
-        """``{"status": "healthy"|"unhealthy", "state_count", "cache_hit_rate", "checks"}``."""
+        """``{"status", "state_count", "cache_hit_rate", "checks"}``.
+
+        ``status`` is ``"healthy"``, ``"degraded"`` when a secondary component
+        (the Redis cache) is down while the store answers, or ``"unhealthy"``
+        when the store itself does not answer.
+        """
         runtime = self._runtime()
+        store = runtime.store
         start = time.perf_counter()
         check: dict[str, Any] = {"time": isoformat(utcnow())}
         try:
-            check.update(runtime.store.check())
-            count: int | None = runtime.store.count()
+            check.update(store.check())
+            count: int | None = store.count()
             check["status"] = "up"
         except BackendUnavailableError as exc:
             count = None
             check.update(status="down", error=str(exc))
         check["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        checks = {"database": check, **store.components()}
+        if check["status"] != "up":
+            status = "unhealthy"
+        elif any(c.get("status") != "up" for c in checks.values()):
+            status = "degraded"
+        else:
+            status = "healthy"
         return {
-            "status": "healthy" if check["status"] == "up" else "unhealthy",
-            "store": runtime.store.kind,
+            "status": status,
+            "store": store.kind,
             "state_count": count,
-            "cache_hit_rate": None,
-            "checks": {"database": check},
+            "cache_hit_rate": store.cache_hit_rate,
+            "checks": checks,
         }
 
     def get_metrics(self) -> dict[str, Any]:

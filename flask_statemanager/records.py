@@ -53,6 +53,13 @@ def isoformat(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def parse_time(value: str | None) -> datetime | None:
+    """The inverse of :func:`isoformat`: an aware UTC datetime, ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return datetime.fromisoformat(value).astimezone(UTC)
+
+
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     return {k: isoformat(v) if isinstance(v, datetime) else v for k, v in record.items()}
 
@@ -158,6 +165,16 @@ class State(dict[str, Any]):
         """A JSON-ready copy with ISO-8601 timestamps."""
         return _jsonable(self)
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> State:
+        """The inverse of :meth:`to_json` (what the Redis store and cache keep)."""
+        return cls(
+            doc,
+            created_at=parse_time(doc["created_at"]),
+            updated_at=parse_time(doc["updated_at"]),
+            expires_at=parse_time(doc["expires_at"]),
+        )
+
     def __repr__(self) -> str:
         return f"<State {self['state_id']!r} {self['type']}/{self['status']} v{self['version']}>"
 
@@ -218,6 +235,11 @@ class Change(dict[str, Any]):
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready copy with ISO-8601 timestamps."""
         return _jsonable(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Change:
+        """The inverse of :meth:`to_json`."""
+        return cls(doc, created_at=parse_time(doc["created_at"]))
 
     def __repr__(self) -> str:
         return f"<Change {self['state_id']!r} v{self['version']} {self['transition']}>"

@@ -1,8 +1,9 @@
 """Shared fixtures: real servers, per-store apps, and a leak check.
 
-PostgreSQL comes from ``STATEMANAGER_TEST_POSTGRES_URL`` (``scripts/servers``
-starts one). When it cannot be reached the PostgreSQL tests are skipped — except
-under ``CI=true``, where that fails the run.
+PostgreSQL comes from ``STATEMANAGER_TEST_POSTGRES_URL`` and Redis from
+``STATEMANAGER_TEST_REDIS_URL`` (``scripts/servers`` starts both). When one
+cannot be reached its tests are skipped — except under ``CI=true``, where that
+fails the run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,36 @@ def postgres_url() -> str:
     finally:
         engine.dispose()
     return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the real Redis test server (``scripts/servers`` starts one)."""
+    import redis
+
+    url = os.environ.get("STATEMANAGER_TEST_REDIS_URL")
+    if not url:
+        _unreachable("Redis", "STATEMANAGER_TEST_REDIS_URL is not set")
+        raise AssertionError  # unreachable: _unreachable skips or fails
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unreachable("Redis", str(exc))
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> Iterator[str]:
+    """The Redis test database, emptied before the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    yield redis_url
 
 
 @pytest.fixture(autouse=True)

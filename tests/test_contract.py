@@ -922,6 +922,46 @@ class StoreContract:
             assert [c["transition"] for c in sm.get_state_history(state_id)] == ["create", "expire"]
         assert sm.get_state("c2") is not None
 
+    def test_concurrent_sweepers_record_each_expiry_once(
+        self, sm: StateManager, app: Flask
+    ) -> None:
+        import threading
+
+        for i in range(40):
+            sm.register_state(f"s{i}", "session", {"data": {}}, ttl=0.2)
+        time.sleep(0.3)
+        counts: list[int] = []
+
+        def sweeper() -> None:
+            with app.app_context():
+                counts.append(sm.sweep_expired(limit=100))
+
+        threads = [threading.Thread(target=sweeper) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(counts) == 40
+        for i in range(40):
+            assert [c["transition"] for c in sm.get_state_history(f"s{i}")] == ["create", "expire"]
+
+    def test_background_sweeper(self, sm: StateManager, app: Flask) -> None:
+        app.config["STATEMANAGER_SWEEP_INTERVAL"] = 0.1
+        StateManager().init_app(app)
+        sm.store.reset()
+        expired: list[str] = []
+        sm.register_callback("session_expired", lambda sid, old, new, t: expired.append(sid))
+        sm.register_state("s1", "session", {"data": {}}, ttl=0.1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not expired:
+            time.sleep(0.05)
+        # Recorded by the sweeper thread, not by a read (history reads never expire).
+        assert expired == ["s1"]
+        assert [(c["transition"], c["actor"]) for c in sm.get_state_history("s1")] == [
+            ("create", None),
+            ("expire", "ttl"),
+        ]
+
     def test_reregister_over_unswept_expired_state_records_expiry(self, sm: StateManager) -> None:
         sm.register_state("s1", "session", {"data": {"n": 1}}, ttl=0.1)
         time.sleep(0.2)

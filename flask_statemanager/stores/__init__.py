@@ -1,9 +1,11 @@
-"""Stores, picked by configuration: ``memory`` or ``sql`` (SQLite, PostgreSQL).
+"""Stores, picked by configuration: ``memory``, ``sql`` (SQLite, PostgreSQL) or ``redis``.
 
 :func:`create_store` turns what the application gave — an
 ``SQLAlchemy`` (Flask-SQLAlchemy) object, a SQLAlchemy ``Engine``, a URL, or
-nothing — into a :class:`~.base.Store`. Drivers are imported lazily, with an
-error that names the extra to install.
+nothing; a Redis client or URL — into a :class:`~.base.Store`: the Redis store,
+or a SQL or memory store with, when Redis is configured, the Redis cache in
+front. Drivers are imported lazily, with an error that names the extra to
+install.
 """
 
 from __future__ import annotations
@@ -23,15 +25,68 @@ if TYPE_CHECKING:
 __all__ = ["MemoryStore", "Store", "VersionMismatch", "Write", "create_store"]
 
 
-def create_store(app: Flask | None, settings: Settings, database_manager: Any) -> Store:
+def create_store(
+    app: Flask | None, settings: Settings, database_manager: Any, redis_manager: Any = None
+) -> Store:
     """Build the store an app (or a standalone manager) runs on."""
-    source = database_manager if database_manager is not None else settings.database_uri
-    if settings.store == "memory" or (isinstance(source, str) and source.startswith("memory:")):
-        return MemoryStore()
-    from .sql import SQLStore
+    redis_source = redis_manager if redis_manager is not None else settings.redis_url
+    if settings.store == "redis":
+        if redis_source is None:
+            raise ConfigurationError(
+                "STATEMANAGER_STORE = 'redis' needs a server: set STATEMANAGER_REDIS_URL or "
+                "pass redis_manager to the extension."
+            )
+        from .redis import RedisStore
 
-    engine, owns = _engine(app, settings, source)
-    return SQLStore(engine, table_prefix=settings.table_prefix, owns_engine=owns)
+        return RedisStore(redis_client(redis_source), prefix=settings.key_prefix)
+    source = database_manager if database_manager is not None else settings.database_uri
+    store: Store
+    if settings.store == "memory" or (isinstance(source, str) and source.startswith("memory:")):
+        store = MemoryStore()
+    else:
+        from .sql import SQLStore
+
+        engine, owns = _engine(app, settings, source)
+        store = SQLStore(engine, table_prefix=settings.table_prefix, owns_engine=owns)
+    if redis_source is None:
+        return store
+    from .cache import CachedStore
+
+    return CachedStore(
+        store,
+        redis_client(redis_source),
+        prefix=settings.key_prefix,
+        ttl=settings.cache_ttl,
+        timeout=settings.cache_timeout,
+        cooldown=settings.cache_cooldown,
+    )
+
+
+def redis_client(source: Any) -> Any:
+    """A redis-py client from a client, a URL, or an object with ``client``/``get_client()``.
+
+    The result shares the given client's connection settings; stores that need
+    other timeouts derive their own client from its ``connection_pool``.
+    """
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - redis is a core dependency
+        raise ConfigurationError("Redis needs redis-py: pip install redis") from None
+    if isinstance(source, str):
+        try:
+            return redis.Redis.from_url(source)
+        except ValueError as exc:
+            raise ConfigurationError(f"Not a Redis URL: {exc}") from None
+    if isinstance(source, redis.Redis):
+        return source
+    getter = getattr(source, "get_client", None)
+    candidate = getter() if callable(getter) else getattr(source, "client", None)
+    if isinstance(candidate, redis.Redis):
+        return candidate
+    raise ConfigurationError(
+        f"redis_manager must be a redis.Redis client, a URL, or an object with a client "
+        f"attribute or get_client(), got {type(source).__name__}."
+    )
 
 
 def _engine(app: Flask | None, settings: Settings, source: Any) -> tuple[Engine, bool]:

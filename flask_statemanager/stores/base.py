@@ -123,5 +123,18 @@ class Store(ABC):
     def reset(self) -> None:
         """Delete every state and history entry (tests and demos)."""
 
+    def components(self) -> dict[str, dict[str, Any]]:
+        """Health of the parts besides the primary store (a cache), by name; never raises.
+
+        Each is ``{"component", "status": "up"|"down", ...}``; one that is down
+        makes the manager ``degraded``, not ``unhealthy``.
+        """
+        return {}
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Share of reads served by a cache since start, or ``None`` without one."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections the store owns."""
