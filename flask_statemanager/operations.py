@@ -523,8 +523,10 @@ class StateOperations:
         }
 
     def get_metrics(self) -> dict[str, Any]:
-        """Counts per operation, transition and error, callback failures, latencies."""
-        return self._runtime().metrics.snapshot()
+        """Counts per operation, transition and error, callback failures, latencies,
+        and the cache's counters (``"cache"``, ``None`` without a cache)."""
+        runtime = self._runtime()
+        return {**runtime.metrics.snapshot(), "cache": runtime.store.cache_stats()}
 
     def log_state_operation(
         self,

@@ -113,7 +113,7 @@ def test_hits_are_served_from_redis_until_a_write_goes_through(sm: StateManager)
     assert updated["version"] == 2
     assert store.peek("u1") == updated  # written through after the commit
     assert sm.get_state("u1") == updated
-    assert store.stats()["write_throughs"] == 1
+    assert store.cache_stats()["write_throughs"] == 1
 
 
 def test_hit_rate_in_health_and_stats(sm: StateManager) -> None:
@@ -127,12 +127,13 @@ def test_hit_rate_in_health_and_stats(sm: StateManager) -> None:
     sm.get_state("nobody")  # hit
     assert sm.get_health_status()["cache_hit_rate"] == 0.5
     assert sm.bulk_get(["u1", "nobody", "u2"]) == {"u1": sm.get_state("u1")}  # 2 hits, 1 miss
-    stats = store.stats()
+    stats = store.cache_stats()
     assert (stats["hits"], stats["misses"]) == (5, 3)
     assert store.cache_hit_rate == stats["hit_rate"] == 5 / 8
     health = sm.get_health_status()
     assert health["status"] == "healthy"
     assert health["cache_hit_rate"] == 5 / 8
+    assert sm.get_metrics()["cache"]["hits"] == 5
     redis_check = health["checks"]["redis"]
     assert redis_check["component"] == "redis" and redis_check["status"] == "up"
     assert redis_check["latency_ms"] >= 0 and redis_check["time"].endswith("Z")
@@ -331,7 +332,7 @@ def test_a_failed_write_through_is_invalidated_by_the_writers_bump(
     monkeypatch.setattr(a, "_write_script", unreachable)
     with app_a.app_context():
         assert manager.update_state("u1", user(n=2))["version"] == 2
-        assert a.stats()["errors"] == 1
+        assert a.cache_stats()["errors"] == 1
         assert manager.get_state("u1")["version"] == 2  # A skips Redis: the circuit is open
         assert manager.get_health_status()["status"] == "degraded"
     with app_b.app_context():
@@ -498,7 +499,7 @@ def test_killed_redis_reads_and_writes_go_on_against_the_database(
         durations = _work_without_redis(sm, rounds=10)
         # Only the first call after the kill tried Redis; the circuit kept the
         # other 49 (and their write-throughs, and the health checks) away from it.
-        stats = store.stats()
+        stats = store.cache_stats()
         assert stats["errors"] == 1
         assert stats["circuit"] == "open"
         assert stats["skipped"] >= 49
@@ -524,13 +525,13 @@ def test_paused_redis_never_makes_a_call_hang(tmp_path: Path, redis_server: Redi
             assert max(durations) <= TIMEOUT + SLACK, durations
             assert durations[0] >= TIMEOUT / 4
             if time.monotonic() - started < cooldown:
-                assert store.stats()["errors"] == 1
+                assert store.cache_stats()["errors"] == 1
         finally:
             redis_server.resume()
         time.sleep(cooldown)
         health = sm.get_health_status()  # the half-open probe: bump, and the cache is back
         assert health["status"] == "healthy", health
-        assert store.stats()["circuit"] == "closed"
+        assert store.cache_stats()["circuit"] == "closed"
         assert sm.get_state("u1")["version"] == 6
         assert sm.get_state("u1")["data"] == {"n": 4}
         assert store.peek("u1")["version"] == 6
@@ -558,7 +559,7 @@ def test_redis_restarted_from_an_aof_with_old_entries_never_serves_them(
     with app_b.app_context():
         b = cached_store(manager)
         assert manager.get_state("u1")["version"] == 1  # a hit: B holds a connection
-        assert b.stats()["hits"] == 1
+        assert b.cache_stats()["hits"] == 1
 
     raw = redis_server.client()
     old_entry = raw.get(key)
@@ -582,7 +583,7 @@ def test_redis_restarted_from_an_aof_with_old_entries_never_serves_them(
     with app_b.app_context():
         state = manager.get_state("u1")
         assert (state["version"], state["data"]) == (2, {"n": 2})
-        assert b.stats()["errors"] == 0
+        assert b.cache_stats()["errors"] == 0
         assert b.peek("u1")["version"] == 2
     # A reads all along: from SQL while its circuit is open, then from Redis.
     deadline = time.monotonic() + cooldown + 0.5
@@ -592,7 +593,7 @@ def test_redis_restarted_from_an_aof_with_old_entries_never_serves_them(
             assert manager.bulk_get(["u1"])["u1"]["version"] == 2
             statuses.append(manager.get_health_status()["status"])
             time.sleep(0.05)
-        assert a.stats()["circuit"] == "closed"
+        assert a.cache_stats()["circuit"] == "closed"
         assert a.peek("u1")["version"] == 2
     assert statuses[0] == "degraded" and statuses[-1] == "healthy"
     assert set(statuses) == {"degraded", "healthy"}

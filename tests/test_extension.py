@@ -80,6 +80,10 @@ def test_app_factory_and_only_app_outside_context(tmp_path: Path) -> None:
     create_app()
     manager.register_state("u1", "user", {"data": {"n": 1}})
     assert manager.get_state("u1")["data"] == {"n": 1}
+    # No Redis configured: no cache, and health and metrics say so.
+    assert manager.get_metrics()["cache"] is None
+    assert manager.get_health_status()["cache_hit_rate"] is None
+    assert set(manager.get_health_status()["checks"]) == {"database"}
 
 
 def test_reinit_disposes_previous_store(tmp_path: Path) -> None:

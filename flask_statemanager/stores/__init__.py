@@ -38,7 +38,11 @@ def create_store(
             )
         from .redis import RedisStore
 
-        return RedisStore(redis_client(redis_source), prefix=settings.key_prefix)
+        return RedisStore(
+            redis_client(redis_source),
+            prefix=settings.key_prefix,
+            owns_client=isinstance(redis_source, str),
+        )
     source = database_manager if database_manager is not None else settings.database_uri
     store: Store
     if settings.store == "memory" or (isinstance(source, str) and source.startswith("memory:")):

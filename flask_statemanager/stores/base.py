@@ -136,5 +136,9 @@ class Store(ABC):
         """Share of reads served by a cache since start, or ``None`` without one."""
         return None
 
+    def cache_stats(self) -> dict[str, Any] | None:
+        """A cache's counters (hits, misses, fills, errors, ...), or ``None`` without one."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections the store owns."""

@@ -682,7 +682,7 @@ class CachedStore(Store):
             reads = self._stats["hits"] + self._stats["misses"]
             return None if reads == 0 else self._stats["hits"] / reads
 
-    def stats(self) -> dict[str, Any]:
+    def cache_stats(self) -> dict[str, Any]:
         """Counters since start: hits, misses, fills, write-throughs, errors, skipped calls.
 
         ``skipped`` counts calls that left Redis alone because the circuit was open.

@@ -158,12 +158,14 @@ class RedisStore(Store):
         lock_ttl: float = 2.0,
         lock_wait: float = 5.0,
         tombstone_ttl: float | None = 7 * 24 * 3600.0,
+        owns_client: bool = False,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \n\r\t"):
             raise ConfigurationError(
                 "The Redis key prefix must be a non-empty string without spaces or braces."
             )
         self.client = client
+        self._owns_client = owns_client
         self.prefix = prefix
         self._lock_ms = max(1, round(lock_ttl * 1000))
         self._lock_wait = lock_wait
@@ -572,8 +574,9 @@ class RedisStore(Store):
                 self.client.unlink(*doomed)
 
     def close(self) -> None:
-        """Close the client's connections (redis-py reconnects if it is used again)."""
-        self.client.close()
+        """Close the client if the store made it (an application's client stays open)."""
+        if self._owns_client:
+            self.client.close()
 
 
 class _Keys:
