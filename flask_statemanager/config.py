@@ -36,19 +36,25 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
     (
         "STATEMANAGER_REDIS_URL",
         None,
-        "Redis URL: the cache in front of the SQL store, or the Redis store's server; None "
-        "uses the redis_manager given to the extension, if any (no cache otherwise).",
+        "Redis URL: the cache in front of the SQL store, or the Redis store's server. A "
+        "redis_manager given to the extension takes precedence; neither means no cache.",
     ),
     (
         "STATEMANAGER_KEY_PREFIX",
         "statemanager",
-        "First part of every Redis key the extension writes.",
+        "First part of every Redis key the extension writes; apps with different databases "
+        "sharing a Redis server need different prefixes.",
     ),
-    ("STATEMANAGER_CACHE_TTL", 3600, "Seconds a cached state stays in Redis unread or unchanged."),
+    (
+        "STATEMANAGER_CACHE_TTL",
+        3600,
+        "Seconds a cached state lives in Redis after it was filled or written through.",
+    ),
     (
         "STATEMANAGER_CACHE_TIMEOUT",
         0.1,
-        "Seconds the cache waits for Redis (connect and each reply) before going on without it.",
+        "Most seconds one Redis call may take, its one retry included, before the cache goes "
+        "on without Redis.",
     ),
     (
         "STATEMANAGER_CACHE_COOLDOWN",

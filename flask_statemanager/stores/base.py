@@ -8,10 +8,10 @@ compare-and-set *and* its history entry, all or nothing: a store must never
 leave a state without its history entry or the reverse, and must refuse a
 write whose expected version is not the stored one.
 
-Stores that can lock (SQL row locks, SQLite's single writer, a process lock)
-hold the lock from the read to the commit, so concurrent writers queue instead
-of conflicting; stores that cannot (Redis) rely on the compare-and-set and the
-engine retries from a fresh read.
+Stores hold a lock from the read to the commit (SQL row locks, SQLite's single
+writer, a process lock, short Redis lock keys), so concurrent writers queue
+instead of conflicting; the compare-and-set stays the safety net, and a lost
+one makes the engine retry from a fresh read.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class VersionMismatch(Exception):
 class Store(ABC):
     """Persistence for states and their history."""
 
-    #: Short name used in health checks and metrics (``"sql"``, ``"memory"``).
+    #: Short name used in health checks and metrics (``"sql"``, ``"memory"``, ``"redis"``).
     kind: ClassVar[str]
     #: Lives with the app (SQLite file, memory): schema is created at ``init_app``.
     embedded: bool = False

@@ -88,11 +88,15 @@ waits at most, so a call gives up within ``timeout`` (on a paused server the
 first call takes about ``timeout / 2``). After a failure the circuit keeps
 every call away from Redis for ``cooldown`` seconds.
 Redis errors never reach the caller: they are logged on the
-``flask_statemanager`` logger, counted (:meth:`CachedStore.stats`), and the
+``flask_statemanager`` logger, counted (:meth:`CachedStore.cache_stats`), and the
 store answers instead.
 
-The Redis user needs ``EVALSHA``/``SCRIPT LOAD``, ``INFO``, ``SCAN``/``UNLINK``
-(for :meth:`~CachedStore.reset`) and the keys above.
+The Redis user needs ``EVALSHA``/``SCRIPT LOAD`` and the commands the scripts
+run (``GET``, ``SET``, ``DEL``, ``HMGET``, ``HSET``, ``TIME``, ``INFO``),
+``SCAN``/``UNLINK`` (for :meth:`~CachedStore.reset`), and the keys above.
+
+Every app sharing a Redis server must use its own ``STATEMANAGER_KEY_PREFIX``
+unless it also shares the database: cache keys name states, not databases.
 """
 
 from __future__ import annotations

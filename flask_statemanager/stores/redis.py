@@ -139,7 +139,9 @@ _GLOB = re.compile(r"([*?\[\]\\])")
 class RedisStore(Store):
     """States and history in Redis; see the module documentation for the keys.
 
-    :param client: a redis-py client; the store closes it in :meth:`close`.
+    :param client: a redis-py client.
+    :param owns_client: the store made *client* (from a URL) and closes it in
+        :meth:`close`; an application's client is left open.
     :param prefix: the first part of every key (``STATEMANAGER_KEY_PREFIX``).
     :param lock_ttl: seconds a writer's lock lives if the writer dies holding it.
     :param lock_wait: seconds a writer waits for a locked state before giving up
