@@ -403,6 +403,7 @@ def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
     committed: list[tuple[Write, State | None]] = []
 
     def plan(rows: Mapping[str, State | None]) -> list[Write]:
+        committed.clear()  # a store may plan again from a fresher read
         row, now = rows[state_id], utcnow()
         if row is None or not needs_expiry(row, now):
             return []

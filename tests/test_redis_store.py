@@ -356,6 +356,7 @@ def test_an_expired_lock_falls_back_on_compare_and_set(
     sm: StateManager, app: Flask, client: redis.Redis
 ) -> None:
     """A writer whose lock expired mid-plan loses to the one that took the state."""
+    _swap_store(app, record_cache_size=0)  # every write takes the locks first
     sm.register_state("u1", "user", user(n=1))
     attempts: list[int] = []
 
@@ -377,6 +378,67 @@ def test_an_expired_lock_falls_back_on_compare_and_set(
 def _update_in_app(app: Flask, sm: StateManager) -> None:
     with app.app_context():
         sm.update_state("u1", user(n=100))
+
+
+# -- one round trip from the record cache ---------------------------------------------
+
+
+def test_repeated_writes_take_one_round_trip(
+    sm: StateManager, store: RedisStore, client: redis.Redis
+) -> None:
+    """Writes planned from this process's last record send only the commit script."""
+    sm.register_state("u1", "user", user(n=0))
+    sm.register_state("u2", "user", user(n=0))
+    before = _calls(client, "evalsha"), _calls(client, "eval")
+    for n in range(1, 21):
+        sm.update_state("u1", user(n=n))
+        sm.atomic_update("u2", lambda d: {**d, "n": d["n"] + 1})
+    assert (_calls(client, "evalsha"), _calls(client, "eval")) == (before[0] + 40, before[1])
+    assert sm.get_state("u1")["version"] == sm.get_state("u2")["version"] == 21
+    assert sm.get_state("u2")["data"]["n"] == 20
+    assert not client.keys("statemanager:lock:*")
+
+
+def test_a_stale_record_cache_still_writes_on_the_fresh_version(
+    sm: StateManager, app: Flask, store: RedisStore, client: redis.Redis, tmp_path: Path
+) -> None:
+    """Another process changed the state: the write lands on its version, nothing lost."""
+    sm.register_state("c", "user", {"data": {"count": 0}})
+    sm.atomic_update("c", lambda d: {**d, "count": d["count"] + 1})  # record cache: version 2
+    other = redis_workers._app(app.config["STATEMANAGER_REDIS_URL"], str(tmp_path / "other"))
+    with other.app_context():
+        for _ in range(3):
+            StateManager().atomic_update("c", lambda d: {**d, "count": d["count"] + 1})
+    before = _calls(client, "evalsha")
+    state = sm.atomic_update("c", lambda d: {**d, "count": d["count"] + 1})
+    # The stale plan was refused, then one read under locks and one commit.
+    assert _calls(client, "evalsha") - before == 3
+    assert state["version"] == 6 and state["data"]["count"] == 5
+    history = sm.get_state_history("c")
+    assert [c["version"] for c in history] == list(range(1, 7))
+    assert all(c["new_data"]["count"] == c["old_data"]["count"] + 1 for c in history[1:])
+    assert _assert_consistent(client, "c") == 6
+    before = _calls(client, "evalsha")
+    assert sm.atomic_update("c", lambda d: {**d, "count": d["count"] + 1})["version"] == 7
+    assert _calls(client, "evalsha") - before == 1  # warm again
+
+
+def test_a_stale_record_after_reset_elsewhere(
+    sm: StateManager, app: Flask, store: RedisStore, client: redis.Redis
+) -> None:
+    """States deleted behind the store's back are planned again from a fresh read
+    (the plan from the stale record fails: the state "exists")."""
+    sm.register_state("u1", "user", user(n=1))
+    sm.update_state("u1", user(n=2))
+    other = RedisStore(
+        redis.Redis.from_url(app.config["STATEMANAGER_REDIS_URL"]), prefix="statemanager"
+    )
+    other.reset()
+    other.close()
+    other.client.close()
+    sm.register_state("u1", "user", user(n=3))
+    assert [c["version"] for c in sm.get_state_history("u1")] == [1]
+    assert sm.update_state("u1", user(n=4))["version"] == 2
 
 
 # -- tombstones ---------------------------------------------------------------------

@@ -85,7 +85,9 @@ class Store(ABC):
 
         Each write is a compare-and-set of its state plus the append of its
         history entry; all of them commit together or not at all. An exception
-        from *plan* aborts with nothing written.
+        from *plan* aborts with nothing written. A store may call *plan* more
+        than once in one call (say, first from records it remembers, then from
+        a fresh read); each call's writes replace the previous ones.
 
         :returns: the committed writes.
         :raises VersionMismatch: a state is not at its expected version; nothing

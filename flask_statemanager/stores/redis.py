@@ -40,18 +40,27 @@ Shared keys index the live states (status neither deleted nor expired):
 
 **Writes**
 
-:meth:`RedisStore.apply` takes a short lock on each state it reads (all at
-once, or none and retry), so concurrent writers queue like on a database row
-lock instead of failing compare-and-sets: with plain optimistic retries, four
-processes incrementing one counter lose increments once the retries run out.
-The same script (``redis_scripts/lock_read.lua``) reads the states. Then the
-engine plans, and one more script (``redis_scripts/commit.lua``)
-checks every expected version against the history length, appends the history
-entries, stores the documents, updates every index and releases the locks —
-all or nothing, because a script runs alone and checks before it writes. The
-compare-and-set stays the safety net when a lock expired under a slow writer,
-and makes a call resent after a lost reply recognise its own commit. A write
-costs two round trips, whatever the number of states it changes.
+Each store keeps, per process, the last document of up to
+``record_cache_size`` states it read or committed (a bounded LRU of encoded
+documents; reads never use it, they always ask Redis). When :meth:`RedisStore.apply`
+knows every state asked for, the engine plans from those records and one script
+(``redis_scripts/commit.lua``) commits: it checks every state's version against
+its history length and that no other writer holds its lock, then appends the
+history entries, stores the documents and updates every index — all or
+nothing, because a script runs alone and checks before it writes. A write then
+costs one round trip. If a record was stale, a state locked, or the plan failed
+or wrote nothing, the script writes nothing and answers "stale", and ``apply``
+forgets those records and goes the locked way within the same call (the plan
+runs again, from the fresh rows).
+
+The locked way takes a short lock on each state (all at once, or none and
+retry) in the script that reads them (``redis_scripts/lock_read.lua``), so
+concurrent writers queue like on a database row lock instead of failing
+compare-and-sets: with plain optimistic retries, four processes incrementing
+one counter lose increments once the retries run out. Then the engine plans,
+and the commit script runs as above and releases the locks: two round trips.
+The compare-and-set stays the safety net when a lock expired under a slow
+writer, and makes a call resent after a lost reply recognise its own commit.
 
 **Search**
 
@@ -97,11 +106,14 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from importlib import resources
 from typing import Any, cast
 
@@ -148,6 +160,8 @@ class RedisStore(Store):
         with :class:`~flask_statemanager.errors.BackendUnavailableError`.
     :param tombstone_ttl: seconds Redis keeps the document of a deleted or
         expired state before dropping it; ``None`` keeps it forever.
+    :param record_cache_size: how many states' last known documents
+        :meth:`apply` keeps to plan a write in one round trip (``0``: none).
     """
 
     kind = "redis"
@@ -161,6 +175,7 @@ class RedisStore(Store):
         lock_wait: float = 5.0,
         tombstone_ttl: float | None = 7 * 24 * 3600.0,
         owns_client: bool = False,
+        record_cache_size: int = 10_000,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \n\r\t"):
             raise ConfigurationError(
@@ -184,6 +199,8 @@ class RedisStore(Store):
         self._types_key = f"{prefix}:types"
         self._log_key = f"{prefix}:log"
         self._definitions_key = f"{prefix}:indexes"
+        #: The last document of each state this process read or committed.
+        self._records = _Records(record_cache_size)
 
     # -- keys -------------------------------------------------------------------
 
@@ -319,14 +336,25 @@ class RedisStore(Store):
     def get(self, state_id: str) -> State | None:
         with self._redis():
             raw = self.client.get(self.state_key(state_id))
-        return None if raw is None else _state(raw)
+        if raw is None:
+            self._records.forget((state_id,))
+            return None
+        state = _state(raw)
+        self._records.put(state_id, state["version"], raw)
+        return state
 
     def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
         if not state_ids:
             return {}
         with self._redis():
             raws = self.client.mget([self.state_key(i) for i in state_ids])
-        return {i: _state(raw) for i, raw in zip(state_ids, raws, strict=True) if raw is not None}
+        found: dict[str, State] = {}
+        put = self._records.put
+        for state_id, raw in zip(state_ids, raws, strict=True):
+            if raw is not None:
+                state = found[state_id] = _state(raw)
+                put(state_id, state["version"], raw)
+        return found
 
     def query(self, query: Query) -> tuple[list[State], int]:
         if any(c.op == "contains" and c.root in _NOT_TEXT for c in query.conditions):
@@ -402,6 +430,12 @@ class RedisStore(Store):
 
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
         ids = sorted(set(state_ids))
+        known = self._records.recall(ids)
+        if known is not None:
+            writes = self._apply_optimistic(ids, state_ids, known, plan)
+            if writes is not None:
+                return writes
+            self._records.forget(ids)
         token = uuid.uuid4().hex
         rows = self._lock_and_read(ids, token)
         released = False
@@ -414,6 +448,33 @@ class RedisStore(Store):
         finally:
             if not released:
                 self._unlock(ids, token)
+
+    def _apply_optimistic(
+        self,
+        ids: Sequence[str],
+        state_ids: Sequence[str],
+        known: Mapping[str, bytes | str],
+        plan: Plan,
+    ) -> Sequence[Write] | None:
+        """Plan from the record cache and commit in one round trip, or ``None``.
+
+        ``None`` means nothing was written and the caller must read again under
+        locks: a record was stale, a state locked, or the plan failed or wrote
+        nothing (which a stale record could explain, so only a fresh read may
+        say so).
+        """
+        rows: dict[str, State | None] = {i: _state(raw) for i, raw in known.items()}
+        try:
+            writes = plan({i: rows[i] for i in state_ids})
+        except Exception:  # noqa: BLE001 - planned from a record that may be stale
+            return None
+        if not writes:
+            return None
+        try:
+            self._commit(ids, rows, writes, uuid.uuid4().hex, optimistic=True)
+        except _Stale:
+            return None
+        return writes
 
     def _lock_and_read(self, ids: Sequence[str], token: str) -> dict[str, State | None]:
         """Lock every state in *ids* (waiting for other writers) and read them."""
@@ -442,6 +503,7 @@ class RedisStore(Store):
             raw, version, last = reply[1 + 3 * n : 4 + 3 * n]
             if raw is not None:
                 rows[state_id] = _state(raw)
+                self._records.put(state_id, int(version), raw)
             elif int(version) > 0:
                 rows[state_id] = _dropped_tombstone(state_id, int(version), last)
             else:
@@ -460,8 +522,15 @@ class RedisStore(Store):
         rows: Mapping[str, State | None],
         writes: Sequence[Write],
         token: str,
+        *,
+        optimistic: bool = False,
     ) -> None:
-        """Run the commit script; raise :class:`VersionMismatch` if a state moved on."""
+        """Run the commit script; raise :class:`VersionMismatch` if a state moved on.
+
+        *optimistic*: no locks are held and *rows* come from the record cache;
+        raise :class:`_Stale` instead (nothing written) if a state moved on or
+        is locked by another writer.
+        """
         numbers = {state_id: n for n, state_id in enumerate(ids, 1)}
         final: dict[str, State] = {}
         for write in writes:
@@ -469,6 +538,13 @@ class RedisStore(Store):
             if state_id not in numbers:
                 raise ValueError(f"The plan wrote {state_id!r}, which apply() did not read.")
             final[state_id] = write.state
+        documents: dict[str, bytes] = {}
+        planned: list[Any] = []
+        for state_id in ids:
+            new_state = final.get(state_id)
+            planned.append("1" if new_state and new_state["status"] in _TOMBSTONES else "0")
+            row = rows.get(state_id) if optimistic else None
+            planned.append(row["version"] if row is not None else "")
         for _ in range(10):
             definitions = self._load_definitions()
             keys = _Keys()
@@ -504,26 +580,35 @@ class RedisStore(Store):
                 len(checked),
                 (len(removals) + len(additions)) // 4,
                 _LOG_LENGTH,
+                "1" if optimistic else "0",
             ]
             for type_name in sorted(checked):
                 args += [type_name, definitions.get(type_name, "")]
             for write in writes:
                 state = write.state
+                state_id = state["state_id"]
+                document = documents[state_id] = _document(state)
                 args += [
-                    numbers[state["state_id"]],
+                    numbers[state_id],
                     write.expected_version,
-                    _document(state),
+                    document,
                     _document(write.change),
-                    f"{state['state_id']} {state['version']}",
+                    f"{state_id} {state['version']}",
                 ]
-            for state_id in ids:
-                new_state = final.get(state_id)
-                args.append("1" if new_state and new_state["status"] in _TOMBSTONES else "0")
-            reply = self._run("commit", keys.names, args + removals + additions)
+            try:
+                reply = self._run("commit", keys.names, args + planned + removals + additions)
+            except BackendUnavailableError:
+                self._records.forget(ids)  # the write may or may not have landed
+                raise
             outcome = _text(reply[0])
             if outcome in ("ok", "done"):
+                for state_id, document in documents.items():
+                    self._records.put(state_id, final[state_id]["version"], document)
                 return
+            if outcome == "stale":
+                raise _Stale
             if outcome == "mismatch":
+                self._records.forget(ids)
                 raise VersionMismatch(ids[int(reply[1]) - 1], int(reply[2]) or None)
             self._definitions = None  # a field was declared meanwhile: plan again
         raise BackendUnavailableError(
@@ -542,7 +627,7 @@ class RedisStore(Store):
         if state["expires_at"] is not None:
             entries[(self.expiry_key(type_name), state_id)] = _micros(state["expires_at"])
         declared = definitions.get(type_name)
-        for field in sorted(codec.loads(declared)) if declared else ():
+        for field in _fields(declared) if declared else ():
             member = _member(state, field)
             if member is not None:
                 entries[(self.index_key(type_name, field), member)] = 0
@@ -574,11 +659,68 @@ class RedisStore(Store):
                     doomed.clear()
             if doomed:
                 self.client.unlink(*doomed)
+        self._records.clear()
 
     def close(self) -> None:
         """Close the client if the store made it (an application's client stays open)."""
         if self._owns_client:
             self.client.close()
+
+
+class _Stale(Exception):
+    """An optimistic commit found a state moved on or locked: nothing was written."""
+
+
+class _Records:
+    """A bounded, thread-safe LRU of each state's last known document, by id.
+
+    Holds the encoded document (immutable bytes) and its version; every use
+    decodes a fresh copy. A record never makes a read wrong: only
+    :meth:`RedisStore.apply` plans from it, and the commit's compare-and-set
+    refuses a plan made from a stale one.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, tuple[int, bytes | str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def recall(self, state_ids: Sequence[str]) -> dict[str, bytes | str] | None:
+        """The documents of *state_ids*, or ``None`` unless every one is known."""
+        found: dict[str, bytes | str] = {}
+        with self._lock:
+            items = self._items
+            for state_id in state_ids:
+                item = items.get(state_id)
+                if item is None:
+                    return None
+                items.move_to_end(state_id)
+                found[state_id] = item[1]
+        return found
+
+    def put(self, state_id: str, version: int, document: bytes | str) -> None:
+        """Remember *document* unless a newer version of the state is known."""
+        if self._size <= 0:
+            return
+        with self._lock:
+            items = self._items
+            known = items.get(state_id)
+            if known is not None:
+                if known[0] > version:
+                    return
+                items.move_to_end(state_id)
+            items[state_id] = (version, document)
+            if len(items) > self._size:
+                items.popitem(last=False)
+
+    def forget(self, state_ids: Iterable[str]) -> None:
+        with self._lock:
+            for state_id in state_ids:
+                self._items.pop(state_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
 class _Keys:
@@ -655,6 +797,12 @@ def _dropped_tombstone(state_id: str, version: int, last: bytes | str | None) ->
         updated_at=when,
         expires_at=None,
     )
+
+
+@lru_cache(maxsize=256)
+def _fields(declared: str) -> tuple[str, ...]:
+    """The declared fields of a stored index definition, sorted."""
+    return tuple(sorted(codec.loads(declared)))
 
 
 def _definition(fields: Mapping[str, bool]) -> str:

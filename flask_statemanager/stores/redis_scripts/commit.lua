@@ -1,5 +1,11 @@
 -- Commit a batch of writes: compare-and-set, history, indexes, unlock.
 --
+-- Called after lock_read.lua with the locks held, or optimistically without
+-- any lock, planned from the records this process last read or wrote: then
+-- it also refuses when a state is locked by another writer (so it never
+-- overtakes a queued writer) or is not at the version it was planned from,
+-- and says 'stale' instead of 'mismatch': the caller reads again under locks.
+--
 -- A state's version is the length of its history: every change appends one
 -- entry and adds one to the version. So the compare-and-set checks LLEN, which
 -- also holds for a tombstone whose document Redis already dropped. Every check
@@ -10,18 +16,22 @@
 --       index definitions hash, the change log, and every index key the
 --       operations below name
 -- ARGV  token, tombstone time-to-live in ms (0 keeps tombstones), n states,
---       n writes, n definition checks, n index operations, change log length;
+--       n writes, n definition checks, n index operations, change log length,
+--       '1' if optimistic (no locks held) else '0';
 --       then per definition check: type, its definition as planned ('' none);
 --       per write: state number, expected version, state document, change
 --         document, change log entry;
---       per state: '1' if its new document is a tombstone, else '0';
+--       per state: '1' if its new document is a tombstone, else '0', and the
+--         version it was planned from ('' not checked: the caller holds locks);
 --       per index operation: 'zadd' | 'zrem' | 'sadd', key number, score, member
 --
 -- Returns {'ok'}; {'done'} when a retried call finds its batch committed;
 -- {'mismatch', state number, version} when a state is not at its expected
 -- version (nothing written, locks released); or {'indexes'} when the index
 -- definitions changed since the batch was planned (nothing written, locks kept:
--- the caller plans the index updates again and retries).
+-- the caller plans the index updates again and retries). An optimistic call
+-- returns {'stale'} (nothing written) instead of {'mismatch', ...}, and also
+-- when a state is locked or not at the version it was planned from.
 
 local token = ARGV[1]
 local tombstone_ttl = tonumber(ARGV[2])
@@ -30,6 +40,7 @@ local n_writes = tonumber(ARGV[4])
 local n_checks = tonumber(ARGV[5])
 local n_ops = tonumber(ARGV[6])
 local log_length = tonumber(ARGV[7])
+local optimistic = ARGV[8] == '1'
 local definitions = KEYS[3 * n_states + 1]
 local log = KEYS[3 * n_states + 2]
 
@@ -43,7 +54,7 @@ local function release()
 end
 
 -- 1. The declared fields the index updates were planned with are current.
-local a = 8
+local a = 9
 for _ = 1, n_checks do
   if (redis.call('HGET', definitions, ARGV[a]) or '') ~= ARGV[a + 1] then
     return {'indexes'}
@@ -68,11 +79,30 @@ for w = 1, n_writes do
     if w == 1 and redis.call('LINDEX', history, expected) == ARGV[a + 3] then
       return {'done'}
     end
+    if optimistic then
+      return {'stale'}
+    end
     release()
     return {'mismatch', s, current}
   end
   versions[s] = expected + 1
   a = a + 5
+end
+
+-- 2b. Optimistic: every state (written or only read) is still at the version
+--     it was planned from, and no other writer holds its lock.
+local per_state = a
+if optimistic then
+  for s = 1, n_states do
+    local planned = ARGV[per_state + 2 * s - 1]
+    if planned ~= '' and redis.call('LLEN', KEYS[3 * s - 1]) ~= tonumber(planned) then
+      return {'stale'}
+    end
+    local holder = redis.call('GET', KEYS[3 * s])
+    if holder and holder ~= token then
+      return {'stale'}
+    end
+  end
 end
 
 -- 3. Write: documents, history entries, the change log.
@@ -92,7 +122,7 @@ for s = 1, n_states do
   if ARGV[a] == '1' and tombstone_ttl > 0 then
     redis.call('PEXPIRE', KEYS[3 * s - 2], tombstone_ttl)
   end
-  a = a + 1
+  a = a + 2
 end
 
 -- 5. Index updates: removals come first, so a member that stays is re-added.
