@@ -157,7 +157,65 @@ def test_bulk_get_is_one_round_trip_when_everything_is_cached(
     monkeypatch.setattr(store.client, "execute_command", counting)
     states = sm.bulk_get(ids)
     assert [s["data"]["id"] for s in states.values()] == ids
-    assert commands == ["EVALSHA"]
+    assert commands == ["MGET"]
+
+
+def test_a_hit_is_one_mget_and_nothing_else(
+    sm: StateManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    assert sm.get_state("u1")["version"] == 1  # the miss fills
+    assert sm.get_state("u1")["version"] == 1  # connections are open and checked
+    # Counted where commands leave for the socket: scripts, checks and retries too.
+    sent: list[Any] = []
+    connection_class = store.client.connection_pool.connection_class
+    send = connection_class.send_command
+
+    def counting(self: Any, *args: Any, **options: Any) -> Any:
+        sent.append(args[0])
+        return send(self, *args, **options)
+
+    monkeypatch.setattr(connection_class, "send_command", counting)
+    hits = store.cache_stats()["hits"]
+    assert sm.get_state("u1")["data"] == {"n": 1}
+    assert sent == ["MGET"]
+    assert store.cache_stats()["hits"] == hits + 1
+
+
+def test_every_new_connection_bumps_when_the_server_changed(sm: StateManager) -> None:
+    """What a restart looks like to the cache: another run_id, connections dropped."""
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    assert sm.get_state("u1")["version"] == 1
+    assert store.peek("u1")["version"] == 1
+    generation_key = f"{store.prefix}:cache:generation"
+    generation = int(store.client.get(generation_key))
+    # Same server, same run: a new connection leaves the generation alone.
+    store.client.connection_pool.disconnect()
+    assert sm.get_state("u1")["version"] == 1
+    assert int(store.client.get(generation_key)) == generation
+    # Another run (as after a restart from an AOF): the next connection bumps first.
+    store.client.set(f"{store.prefix}:cache:run", "0" * 40)
+    assert store.peek("u1")["version"] == 1  # an open connection was checked before
+    store.client.connection_pool.disconnect()
+    assert int(store.client.get(generation_key)) > generation
+    hits = store.cache_stats()["hits"]
+    assert sm.get_state("u1")["version"] == 1  # a miss: the old entry no longer counts
+    assert store.cache_stats()["hits"] == hits
+    assert store.cache_stats()["errors"] == 0
+
+
+def test_a_generation_hash_of_an_older_version_is_replaced(sm: StateManager) -> None:
+    store = cached_store(sm)
+    generation_key = f"{store.prefix}:cache:generation"
+    store.client.delete(generation_key)
+    store.client.hset(generation_key, mapping={"n": "99999999999999", "run": "x"})
+    store.client.connection_pool.disconnect()
+    sm.register_state("u1", "user", user(n=1))
+    assert sm.get_state("u1")["version"] == 1
+    assert int(store.client.get(generation_key)) > 99999999999999
+    assert store.cache_stats()["errors"] == 0
 
 
 def test_a_slow_filler_never_replaces_a_newer_version(sm: StateManager) -> None:
@@ -261,10 +319,10 @@ def test_reset_drops_every_cache_key(sm: StateManager) -> None:
     for i in range(5):
         sm.register_state(f"u{i}", "user", user())
         sm.get_state(f"u{i}")
-    generation = store.client.hget(f"{store.prefix}:cache:generation", "n")
+    generation = store.client.get(f"{store.prefix}:cache:generation")
     store.reset()
     assert list(store.client.scan_iter(match=f"{store.prefix}:cache:{{*")) == []
-    assert int(store.client.hget(f"{store.prefix}:cache:generation", "n")) > int(generation)
+    assert int(store.client.get(f"{store.prefix}:cache:generation")) > int(generation)
     assert sm.get_state("u1") is None
 
 
@@ -563,7 +621,7 @@ def test_redis_restarted_from_an_aof_with_old_entries_never_serves_them(
 
     raw = redis_server.client()
     old_entry = raw.get(key)
-    old_generation = raw.hgetall(f"{a.prefix}:cache:generation")
+    old_generation = raw.mget(f"{a.prefix}:cache:generation", f"{a.prefix}:cache:run")
     raw.close()
     redis_server.kill()
 
@@ -576,10 +634,10 @@ def test_redis_restarted_from_an_aof_with_old_entries_never_serves_them(
     redis_server.start()
     raw = redis_server.client()
     assert raw.get(key) == old_entry  # the AOF brought back version 1 ...
-    assert raw.hgetall(f"{a.prefix}:cache:generation") == old_generation  # ... and its generation
+    assert raw.mget(f"{a.prefix}:cache:generation", f"{a.prefix}:cache:run") == old_generation
     raw.close()
 
-    # B never saw a failure; its first read after the restart bumps inside the script.
+    # B never saw a failure; its connection is gone, and the new one bumps first.
     with app_b.app_context():
         state = manager.get_state("u1")
         assert (state["version"], state["data"]) == (2, {"n": 2})

@@ -15,19 +15,24 @@ Keys
     or ``m:<generation>:<token>`` for a *fill lease* (below). Every entry
     expires after ``ttl`` seconds, leases after at most 30.
 ``<prefix>:cache:generation``
-    A hash, never expiring: ``n``, the current generation, and ``run``, the
-    Redis ``run_id`` of the server instance that set it.
+    A string, never expiring: ``n``, the current generation (a number).
+``<prefix>:cache:run``
+    A string, never expiring: the Redis ``run_id`` of the server instance
+    whose start the generation has accounted for (rule 6).
 
-Every access is one Lua script (``EVALSHA``), so each decision below is atomic
-in Redis. The scripts touch the generation key and state keys together, so the
-cache needs one Redis primary, not Redis Cluster.
+A *hit* is one plain command, ``MGET <generation> <entry>`` (atomic in Redis):
+the entry counts only if it starts with the generation it was read with, which
+the process checks itself. Everything else (a miss taking or sharing a lease,
+fills, write-throughs, invalidations, probes) is one Lua script (``EVALSHA``),
+so each decision below is atomic in Redis. Both touch the generation key and
+state keys together, so the cache needs one Redis primary, not Redis Cluster.
 
 Why a read never returns a version older than the last committed one
 --------------------------------------------------------------------
 
 1. **Generations.** An entry counts only if it carries the current generation
    ``n``; a *bump* (``n`` becomes ``max(n + 1, Redis time in ms)``, so it never
-   repeats even if the hash is lost) invalidates every entry at once, for every
+   repeats even if the key is lost) invalidates every entry at once, for every
    process.
 2. **Fill leases.** A miss leaves a lease ``m:<n>:<token>`` in the key (or
    shares the one already there); the reader then reads the store and fills
@@ -56,11 +61,19 @@ Why a read never returns a version older than the last committed one
    process reads it again.
 6. **A restarted or replaced server is bumped before its first read.** Redis
    may come back from its AOF or RDB file with old entries *and* the old
-   generation hash. Every script compares the hash's ``run`` with the server's
-   own ``run_id`` (``INFO server``, which changes on every restart and differs
-   on a promoted replica) and bumps first when they differ, all inside the
-   script. So after a restart no process, whether it saw the outage or not,
-   new or old, reads an entry written before it.
+   generation and run keys. A restart or failover always drops the TCP
+   connections to the server (a restart ends the process; Sentinel kills the
+   clients of both the promoted and the demoted server), so the check runs per
+   connection: every connection the cache opens runs one script, as part of
+   connecting and before the pool hands it out for any command, that compares
+   the stored ``run`` with the server's own ``run_id`` (``INFO server``, which
+   changes on every restart and differs on a promoted replica) and bumps when
+   they differ or the generation is missing. If the check fails, the
+   connection is closed unused. So after a restart no process, whether it saw
+   the outage or not, new or old, reads an entry written before it: its old
+   connections are gone, and its new ones bumped first. (This needs the cache
+   to talk to Redis directly or through Sentinel, not through a proxy that
+   keeps client connections open while the server behind it changes.)
 
 The guarantee this gives: a read starting after a write returned sees that
 write or a newer one, provided Redis was reachable for the write-through, or
@@ -85,14 +98,15 @@ client's connection settings with ``socket_timeout`` and
 ``socket_connect_timeout`` of ``timeout / 4`` and one retry without backoff:
 a reply that times out, the reconnection and the retry's reply are four such
 waits at most, so a call gives up within ``timeout`` (on a paused server the
-first call takes about ``timeout / 2``). After a failure the circuit keeps
+first call takes about ``timeout / 2``; the restart check of a new connection
+is part of connecting, with the same waits). After a failure the circuit keeps
 every call away from Redis for ``cooldown`` seconds.
 Redis errors never reach the caller: they are logged on the
 ``flask_statemanager`` logger, counted (:meth:`CachedStore.cache_stats`), and the
 store answers instead.
 
-The Redis user needs ``EVALSHA``/``SCRIPT LOAD`` and the commands the scripts
-run (``GET``, ``SET``, ``DEL``, ``HMGET``, ``HSET``, ``TIME``, ``INFO``),
+The Redis user needs ``MGET``, ``EVAL``/``EVALSHA``/``SCRIPT LOAD`` and the
+commands the scripts run (``GET``, ``SET``, ``DEL``, ``TYPE``, ``TIME``, ``INFO``),
 ``SCAN``/``UNLINK`` (for :meth:`~CachedStore.reset`), and the keys above.
 
 Every app sharing a Redis server must use its own ``STATEMANAGER_KEY_PREFIX``
@@ -154,20 +168,50 @@ _POOL_OWNED = frozenset(
 
 # -- Lua ----------------------------------------------------------------------------
 #
-# KEYS[1] is always the generation hash, KEYS[2..] the state keys; ARGV[1] is
+# KEYS[1] is always the generation key, KEYS[2..] the state keys; ARGV[1] is
 # "1" when the calling process must bump before it uses the cache.
 
-_GENERATION = """
+_BUMP = """
+local function bump_from(n)
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if n == nil or n < floor then n = floor else n = n + 1 end
+  redis.call('SET', KEYS[1], string.format('%d', n))
+  return n
+end
+"""
+
+# Run on every new connection before anything else (rule 6): KEYS[1] the
+# generation, KEYS[2] the run key. -> the generation. A generation hash left
+# by an older version of this module is replaced (its entries are then older).
+_CONNECT = (
+    _BUMP
+    + """
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local n = nil
+local stale = true
+if kind == 'string' then
+  n = tonumber(redis.call('GET', KEYS[1]))
+  stale = n == nil or redis.call('GET', KEYS[2]) ~= run
+else
+  if kind == 'hash' then n = tonumber(redis.call('HGET', KEYS[1], 'n')) end
+  redis.call('DEL', KEYS[1])
+end
+if stale then
+  n = bump_from(n)
+  redis.call('SET', KEYS[2], run)
+end
+return string.format('%d', n)
+"""
+)
+
+_GENERATION = (
+    _BUMP
+    + """
 local function generation(bump)
-  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-  local stored = redis.call('HMGET', KEYS[1], 'n', 'run')
-  local n = tonumber(stored[1])
-  if n == nil or bump or stored[2] ~= run then
-    local t = redis.call('TIME')
-    local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    if n == nil or n < floor then n = floor else n = n + 1 end
-    redis.call('HSET', KEYS[1], 'n', string.format('%d', n), 'run', run)
-  end
+  local n = tonumber(redis.call('GET', KEYS[1]))
+  if n == nil or bump then n = bump_from(n) end
   return string.format('%d', n)
 end
 local function version_of(entry)
@@ -177,6 +221,7 @@ local g = generation(ARGV[1] == '1')
 local live = g .. ':'
 local lease = 'm:' .. live
 """
+)
 
 # -> {generation, entry or lease per key}. A miss takes a lease (ARGV[2] its
 # token, ARGV[3] its lifetime in ms) or shares the current one.
@@ -271,6 +316,9 @@ return out
 )
 
 
+_MISS: Any = object()
+
+
 class _Skipped(Exception):
     """Redis is not being used right now (circuit open), or the call failed."""
 
@@ -293,6 +341,10 @@ class _Circuit:
 
     def admit(self) -> tuple[bool, int] | None:
         """``None`` to skip Redis, else (whether to bump, faults seen so far)."""
+        if not self.must_bump:
+            # Closed: no lock needed. A failure racing with this call is as if it
+            # came just after the call was admitted, as it could with the lock.
+            return False, self.faults
         with self._lock:
             now = time.monotonic()
             if now < self._open_until:
@@ -304,6 +356,8 @@ class _Circuit:
 
     def succeeded(self, bumped: bool, seen: int) -> bool:
         """Record a call that worked; ``True`` if it closed the circuit."""
+        if not bumped:
+            return False
         with self._lock:
             # A failure since the probe started still owes a bump of its own.
             if bumped and self.must_bump and seen == self.faults:
@@ -315,6 +369,9 @@ class _Circuit:
     def failed(self, error: str) -> None:
         with self._lock:
             self.faults += 1
+            # Set before ``must_bump``: a lock-free admit that sees the bump owed
+            # then takes the lock and sees the cooldown too.
+            self._open_until = time.monotonic() + self.cooldown
             self.must_bump = True
             self._open_until = time.monotonic() + self.cooldown
             self.last_error = error
@@ -363,7 +420,9 @@ class CachedStore(Store):
         self._ttl_ms = str(max(1, round(ttl * 1000)))
         self._lease_ms = str(max(1, round(min(ttl, LEASE_SECONDS) * 1000)))
         self._generation_key = f"{prefix}:cache:generation"
-        self.client = _derive_client(client, timeout)
+        self._run_key = f"{prefix}:cache:run"
+        self._key_prefix = f"{prefix}:cache:{{"
+        self.client = _derive_client(client, timeout, self._generation_key, self._run_key)
         self._read_script = self.client.register_script(_READ)
         self._fill_script = self.client.register_script(_FILL)
         self._write_script = self.client.register_script(_WRITE)
@@ -381,7 +440,7 @@ class CachedStore(Store):
 
     def key(self, state_id: str) -> str:
         """The Redis key caching *state_id*."""
-        return f"{self.prefix}:cache:{{{state_id}}}"
+        return f"{self._key_prefix}{state_id}}}"
 
     def _keys(self, state_ids: Iterable[str]) -> list[str]:
         return [self._generation_key, *map(self.key, state_ids)]
@@ -423,44 +482,72 @@ class CachedStore(Store):
         try:
             result = fn(bump)
         except Exception as exc:  # any failure of the cache means: use the store
-            error = _describe(exc)
-            self._circuit.failed(error)
-            self._count(errors=1)
-            logger.warning(
-                "Redis cache %s failed (%s); reads and writes go to the database, next "
-                "try in %.3gs.",
-                what,
-                error,
-                self._circuit.cooldown,
-                exc_info=not isinstance(exc, redis.ConnectionError | redis.TimeoutError),
-            )
+            self._failed(what, exc)
             raise _Skipped from exc
-        if self._circuit.succeeded(bump, seen):
+        if bump and self._circuit.succeeded(bump, seen):
             logger.info("Redis cache is back; generation bumped, older entries are ignored.")
         return result
 
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Open the circuit after a failed call; log and count it."""
+        error = _describe(exc)
+        self._circuit.failed(error)
+        self._count(errors=1)
+        logger.warning(
+            "Redis cache %s failed (%s); reads and writes go to the database, next try in %.3gs.",
+            what,
+            error,
+            self._circuit.cooldown,
+            exc_info=not isinstance(exc, redis.ConnectionError | redis.TimeoutError),
+        )
+
+    def _hit(self, generation: bytes | None, entry: bytes | None) -> bool:
+        """Whether an entry read together with *generation* (one ``MGET``) is live."""
+        return (
+            generation is not None
+            and entry is not None
+            and entry.startswith(generation)
+            and entry[len(generation) : len(generation) + 1] == b":"
+        )
+
     def _lookup(self, state_ids: Sequence[str]) -> tuple[dict[str, State | None], dict[str, bytes]]:
-        """Cached records (hits), and the fill lease for each miss: one round trip.
+        """Cached records (hits), and the fill lease for each miss.
+
+        One ``MGET`` of the generation and the entries; the misses then take
+        or share leases in one script. A process that owes a bump runs the
+        script for every id (it bumps first).
 
         :raises _Skipped: Redis is not available.
         """
-        token = os.urandom(8).hex()
 
         def run(bump: bool) -> tuple[dict[str, State | None], dict[str, bytes]]:
-            reply = self._read_script(
-                keys=self._keys(state_ids),
-                args=["1" if bump else "0", token, self._lease_ms],
-                client=self.client,
-            )
             # Decoded here, so a damaged entry counts as a cache failure (and is
             # left behind by the bump that follows) rather than reaching the caller.
             hits: dict[str, State | None] = {}
             leases: dict[str, bytes] = {}
-            for state_id, entry in zip(state_ids, reply[1:], strict=True):
-                if entry.startswith(b"m:"):
-                    leases[state_id] = entry
-                else:
-                    hits[state_id] = self._decode(entry)
+            missing: Sequence[str] = state_ids
+            if not bump:
+                reply = self.client.execute_command(  # type: ignore[no-untyped-call]
+                    "MGET", self._generation_key, *map(self.key, state_ids)
+                )
+                generation = reply[0]
+                missing = []
+                for state_id, entry in zip(state_ids, reply[1:], strict=True):
+                    if self._hit(generation, entry):
+                        hits[state_id] = self._decode(entry)
+                    else:
+                        missing.append(state_id)
+            if missing:
+                reply = self._read_script(
+                    keys=self._keys(missing),
+                    args=["1" if bump else "0", os.urandom(8).hex(), self._lease_ms],
+                    client=self.client,
+                )
+                for state_id, entry in zip(missing, reply[1:], strict=True):
+                    if entry.startswith(b"m:"):
+                        leases[state_id] = entry
+                    else:
+                        hits[state_id] = self._decode(entry)
             return hits, leases
 
         return self._call("read", run)
@@ -533,6 +620,21 @@ class CachedStore(Store):
     # -- reads ----------------------------------------------------------------------
 
     def get(self, state_id: str) -> State | None:
+        if not self._circuit.must_bump:
+            # The hit path: one MGET, no lock but the counter's.
+            try:
+                generation, entry = self.client.execute_command(  # type: ignore[no-untyped-call]
+                    "MGET", self._generation_key, f"{self._key_prefix}{state_id}}}"
+                )
+                state = self._decode(entry) if self._hit(generation, entry) else _MISS
+            except Exception as exc:  # any failure of the cache means: use the store
+                self._failed("read", exc)
+                self._count(misses=1)
+                return self.inner.get(state_id)
+            if state is not _MISS:
+                with self._stats_lock:
+                    self._stats["hits"] += 1
+                return state
         try:
             hits, leases = self._lookup([state_id])
         except _Skipped:
@@ -698,10 +800,18 @@ class CachedStore(Store):
         return snapshot
 
 
-def _derive_client(client: redis.Redis, timeout: float) -> redis.Redis:
-    """A client for the same server as *client*, with the cache's timeouts and one retry."""
+def _derive_client(
+    client: redis.Redis, timeout: float, generation_key: str, run_key: str
+) -> redis.Redis:
+    """A client for the same server as *client*, with the cache's timeouts and one retry.
+
+    Every connection it opens runs the restart check (rule 6) before it is used.
+    """
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
+    kwargs["redis_connect_func"] = _checked_connect(
+        kwargs.pop("redis_connect_func", None), generation_key, run_key
+    )
     # A call may connect, time out, reconnect and time out again: four waits.
     wait = timeout / 4
     kwargs.update(
@@ -719,6 +829,34 @@ def _derive_client(client: redis.Redis, timeout: float) -> redis.Redis:
         kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     own_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
     return redis.Redis(connection_pool=own_pool)
+
+
+def _checked_connect(
+    inner: Callable[[Any], None] | None, generation_key: str, run_key: str
+) -> Callable[[Any], None]:
+    """The ``redis_connect_func`` running the restart check on a new connection.
+
+    redis-py calls it from ``connect()``, before the pool hands the connection
+    out, so no command runs on a connection whose check did not succeed.
+    """
+
+    def connected(connection: Any) -> None:
+        try:
+            if inner is None:
+                connection.on_connect()
+            else:
+                inner(connection)
+            connection.send_command("EVAL", _CONNECT, 2, generation_key, run_key)
+            connection.read_response()
+        except redis.RedisError:
+            raise  # redis-py closes the connection
+        except BaseException as exc:
+            connection.disconnect()
+            if isinstance(exc, Exception):
+                raise redis.ConnectionError(f"restart check failed: {_describe(exc)}") from exc
+            raise
+
+    return connected
 
 
 _ADDRESS = re.compile(r"(?:rediss?|unix)://\S*|\S+@\S+|[\w.\[\]-]*:\d{2,5}\b|(?<!\w)/\S+")
