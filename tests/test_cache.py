@@ -30,7 +30,7 @@ from flask_statemanager.records import Change
 from flask_statemanager.stores.base import Write
 from flask_statemanager.stores.cache import CachedStore
 
-from . import cache_workers
+from . import workers
 from .conftest import IN_CI, make_app
 from .test_contract import StoreContract
 
@@ -672,8 +672,20 @@ def test_four_processes_fifty_increments_through_the_cache(
     spawn = multiprocessing.get_context("spawn")
     with spawn.Pool(4) as pool:
         failures = pool.starmap(
-            cache_workers.increment,
-            [(postgres_url, clean_redis, str(tmp_path / "instance"), "counter", 50)] * 4,
+            workers.increment,
+            [
+                (
+                    {
+                        "STATEMANAGER_DATABASE_URI": postgres_url,
+                        "STATEMANAGER_REDIS_URL": clean_redis,
+                    },
+                    str(tmp_path / "instance"),
+                    "counter",
+                    50,
+                    True,
+                )
+            ]
+            * 4,
         )
     assert failures == [0, 0, 0, 0]
     with app.app_context():

@@ -70,11 +70,12 @@ def test_four_processes_fifty_atomic_increments(
     database: tuple[str, Flask], tmp_path: Path
 ) -> None:
     uri, app = database
+    config = {"STATEMANAGER_DATABASE_URI": uri}
     with app.app_context():
         StateManager().register_state("counter", "user", {"data": {"count": 0}})
     with spawn.Pool(4) as pool:
         failures = pool.starmap(
-            workers.increment, [(uri, str(tmp_path / "instance"), "counter", 50)] * 4
+            workers.increment, [(config, str(tmp_path / "instance"), "counter", 50)] * 4
         )
     assert failures == [0, 0, 0, 0]
     with app.app_context():
@@ -99,7 +100,7 @@ def test_sigkill_mid_write_never_splits_state_and_history(
         ready = spawn.Event()
         proc = spawn.Process(
             target=workers.write_forever,
-            args=(uri, str(tmp_path / "instance"), "victim", ready),
+            args=({"STATEMANAGER_DATABASE_URI": uri}, str(tmp_path / "instance"), "victim", ready),
         )
         proc.start()
         assert ready.wait(30)

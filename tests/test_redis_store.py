@@ -33,7 +33,7 @@ from flask_statemanager.records import State
 from flask_statemanager.stores.base import Write
 from flask_statemanager.stores.redis import RedisStore
 
-from . import redis_workers
+from . import workers
 from .conftest import make_app
 from .test_contract import StoreContract, user
 from .test_search_properties import _documents, filters
@@ -405,7 +405,7 @@ def test_a_stale_record_cache_still_writes_on_the_fresh_version(
     """Another process changed the state: the write lands on its version, nothing lost."""
     sm.register_state("c", "user", {"data": {"count": 0}})
     sm.atomic_update("c", lambda d: {**d, "count": d["count"] + 1})  # record cache: version 2
-    other = redis_workers._app(app.config["STATEMANAGER_REDIS_URL"], str(tmp_path / "other"))
+    other = workers.make_app(_redis_config(app), str(tmp_path / "other"))
     with other.app_context():
         for _ in range(3):
             StateManager().atomic_update("c", lambda d: {**d, "count": d["count"] + 1})
@@ -478,10 +478,10 @@ def test_four_processes_fifty_atomic_increments(
     sm: StateManager, app: Flask, tmp_path: Path
 ) -> None:
     sm.register_state("counter", "user", {"data": {"count": 0}})
-    url = app.config["STATEMANAGER_REDIS_URL"]
+    config = _redis_config(app)
     with spawn.Pool(4) as pool:
         failures = pool.starmap(
-            redis_workers.increment, [(url, str(tmp_path / "instance"), "counter", 50)] * 4
+            workers.increment, [(config, str(tmp_path / "instance"), "counter", 50)] * 4
         )
     assert failures == [0, 0, 0, 0]
     state = sm.get_state("counter")
@@ -510,13 +510,13 @@ def test_sigkill_mid_write_never_splits_state_and_history(
     sm: StateManager, app: Flask, tmp_path: Path, client: redis.Redis
 ) -> None:
     sm.register_state("victim", "user", {"data": {"n": 0}})
-    url = app.config["STATEMANAGER_REDIS_URL"]
+    config = _redis_config(app)
     rng = random.Random(1234)
     for _ in range(8):
         ready = spawn.Event()
         proc = spawn.Process(
-            target=redis_workers.write_forever,
-            args=(url, str(tmp_path / "instance"), "victim", ready),
+            target=workers.write_forever,
+            args=(config, str(tmp_path / "instance"), "victim", ready),
         )
         proc.start()
         assert ready.wait(30)
@@ -669,3 +669,11 @@ class TestSearchProperties:
         window = expected[(page - 1) * per_page : page * per_page]
         assert [s["state_id"] for s in one] == [s["state_id"] for s in window]
         assert list(everything) == expected  # whole records, as stored
+
+
+def _redis_config(app: Flask) -> dict[str, Any]:
+    """The config of a worker process on *app*'s Redis store."""
+    return {
+        "STATEMANAGER_STORE": "redis",
+        "STATEMANAGER_REDIS_URL": app.config["STATEMANAGER_REDIS_URL"],
+    }
