@@ -15,15 +15,18 @@
 -- KEYS  for each of the n states: state, history, lock (3n keys); then the
 --       index definitions hash, the change log, and every index key the
 --       operations below name
--- ARGV  token, tombstone time-to-live in ms (0 keeps tombstones), n states,
---       n writes, n definition checks, n index operations, change log length,
---       '1' if optimistic (no locks held) else '0';
---       then per definition check: type, its definition as planned ('' none);
---       per write: state number, expected version, state document, change
---         document, change log entry;
---       per state: '1' if its new document is a tombstone, else '0', and the
---         version it was planned from ('' not checked: the caller holds locks);
---       per index operation: 'zadd' | 'zrem' | 'sadd', key number, score, member
+-- ARGV  1: one JSON array (one argument instead of dozens: the client encodes
+--       each argument on its own) of
+--         token, tombstone time-to-live in ms (0 keeps tombstones), n states,
+--         change log length, true if optimistic (no locks held) else false,
+--         definition checks: per check type, its definition as planned ('' none),
+--         writes: per write state number, expected version, change log entry,
+--         states: per state true if its new document is a tombstone, and the
+--           version it was planned from (false: not checked, the caller holds
+--           locks),
+--         index operations: per operation 'zadd' | 'zrem' | 'sadd', key number,
+--           score, member;
+--       then per write: state document, change document
 --
 -- Returns {'ok'}; {'done'} when a retried call finds its batch committed;
 -- {'mismatch', state number, version} when a state is not at its expected
@@ -33,14 +36,17 @@
 -- returns {'stale'} (nothing written) instead of {'mismatch', ...}, and also
 -- when a state is locked or not at the version it was planned from.
 
-local token = ARGV[1]
-local tombstone_ttl = tonumber(ARGV[2])
-local n_states = tonumber(ARGV[3])
-local n_writes = tonumber(ARGV[4])
-local n_checks = tonumber(ARGV[5])
-local n_ops = tonumber(ARGV[6])
-local log_length = tonumber(ARGV[7])
-local optimistic = ARGV[8] == '1'
+local payload = cjson.decode(ARGV[1])
+local token = payload[1]
+local tombstone_ttl = payload[2]
+local n_states = payload[3]
+local log_length = payload[4]
+local optimistic = payload[5]
+local checks = payload[6]
+local writes = payload[7]
+local states = payload[8]
+local ops = payload[9]
+local n_writes = #writes / 3
 local definitions = KEYS[3 * n_states + 1]
 local log = KEYS[3 * n_states + 2]
 
@@ -54,21 +60,18 @@ local function release()
 end
 
 -- 1. The declared fields the index updates were planned with are current.
-local a = 9
-for _ = 1, n_checks do
-  if (redis.call('HGET', definitions, ARGV[a]) or '') ~= ARGV[a + 1] then
+for c = 1, #checks, 2 do
+  if (redis.call('HGET', definitions, checks[c]) or '') ~= checks[c + 1] then
     return {'indexes'}
   end
-  a = a + 2
 end
 
 -- 2. Every state is at the version its write expects (writes of one state
 --    chain: each expects the version the one before it wrote).
-local first_write = a
 local versions = {}
 for w = 1, n_writes do
-  local s = tonumber(ARGV[a])
-  local expected = tonumber(ARGV[a + 1])
+  local s = writes[3 * w - 2]
+  local expected = writes[3 * w - 1]
   local history = KEYS[3 * s - 1]
   local current = versions[s]
   if current == nil then
@@ -76,7 +79,7 @@ for w = 1, n_writes do
   end
   if current ~= expected then
     -- A call resent after a lost reply finds its own first entry in place.
-    if w == 1 and redis.call('LINDEX', history, expected) == ARGV[a + 3] then
+    if w == 1 and redis.call('LINDEX', history, expected) == ARGV[3] then
       return {'done'}
     end
     if optimistic then
@@ -86,16 +89,14 @@ for w = 1, n_writes do
     return {'mismatch', s, current}
   end
   versions[s] = expected + 1
-  a = a + 5
 end
 
 -- 2b. Optimistic: every state (written or only read) is still at the version
 --     it was planned from, and no other writer holds its lock.
-local per_state = a
 if optimistic then
   for s = 1, n_states do
-    local planned = ARGV[per_state + 2 * s - 1]
-    if planned ~= '' and redis.call('LLEN', KEYS[3 * s - 1]) ~= tonumber(planned) then
+    local planned = states[2 * s]
+    if planned ~= false and redis.call('LLEN', KEYS[3 * s - 1]) ~= planned then
       return {'stale'}
     end
     local holder = redis.call('GET', KEYS[3 * s])
@@ -106,36 +107,34 @@ if optimistic then
 end
 
 -- 3. Write: documents, history entries, the change log.
-a = first_write
-for _ = 1, n_writes do
-  local s = tonumber(ARGV[a])
-  redis.call('SET', KEYS[3 * s - 2], ARGV[a + 2])
-  redis.call('RPUSH', KEYS[3 * s - 1], ARGV[a + 3])
-  redis.call('RPUSH', log, ARGV[a + 4])
-  a = a + 5
+for w = 1, n_writes do
+  local s = writes[3 * w - 2]
+  redis.call('SET', KEYS[3 * s - 2], ARGV[2 * w])
+  redis.call('RPUSH', KEYS[3 * s - 1], ARGV[2 * w + 1])
+  redis.call('RPUSH', log, writes[3 * w])
 end
 redis.call('LTRIM', log, -log_length, -1)
 
 -- 4. Tombstones (deleted or expired) leave Redis on their own after a while;
 --    SET above removed any time-to-live from states that came back to life.
-for s = 1, n_states do
-  if ARGV[a] == '1' and tombstone_ttl > 0 then
-    redis.call('PEXPIRE', KEYS[3 * s - 2], tombstone_ttl)
+if tombstone_ttl > 0 then
+  for s = 1, n_states do
+    if states[2 * s - 1] then
+      redis.call('PEXPIRE', KEYS[3 * s - 2], tombstone_ttl)
+    end
   end
-  a = a + 2
 end
 
 -- 5. Index updates: removals come first, so a member that stays is re-added.
-for _ = 1, n_ops do
-  local verb, key = ARGV[a], KEYS[tonumber(ARGV[a + 1])]
+for o = 1, #ops, 4 do
+  local verb, key = ops[o], KEYS[ops[o + 1]]
   if verb == 'zadd' then
-    redis.call('ZADD', key, ARGV[a + 2], ARGV[a + 3])
+    redis.call('ZADD', key, ops[o + 2], ops[o + 3])
   elseif verb == 'zrem' then
-    redis.call('ZREM', key, ARGV[a + 3])
+    redis.call('ZREM', key, ops[o + 3])
   else
-    redis.call('SADD', key, ARGV[a + 3])
+    redis.call('SADD', key, ops[o + 3])
   end
-  a = a + 4
 end
 
 release()
