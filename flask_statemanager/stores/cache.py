@@ -488,6 +488,13 @@ class CachedStore(Store):
             logger.info("Redis cache is back; generation bumped, older entries are ignored.")
         return result
 
+    def _script(self, what: str, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a Lua script under the circuit breaker; its first argument is the bump flag."""
+        return self._call(
+            what,
+            lambda bump: script(keys=keys, args=["1" if bump else "0", *args], client=self.client),
+        )
+
     def _failed(self, what: str, exc: Exception) -> None:
         """Open the circuit after a failed call; log and count it."""
         error = _describe(exc)
@@ -564,17 +571,10 @@ class CachedStore(Store):
         for state_id, lease in leases.items():
             args.extend((lease, *self._encode(rows.get(state_id))))
 
-        def run(bump: bool) -> int:
-            return int(
-                self._fill_script(
-                    keys=self._keys(leases),
-                    args=["1" if bump else "0", self._ttl_ms, *args],
-                    client=self.client,
-                )
-            )
-
         try:
-            filled = self._call("fill", run)
+            filled = int(
+                self._script("fill", self._fill_script, self._keys(leases), [self._ttl_ms, *args])
+            )
         except _Skipped:
             return 0
         self._count(fills=filled)
@@ -589,30 +589,19 @@ class CachedStore(Store):
         for state in latest.values():
             args.extend(self._encode(state))
 
-        def run(bump: bool) -> int:
-            return int(
-                self._write_script(
-                    keys=self._keys(latest),
-                    args=["1" if bump else "0", self._ttl_ms, *args],
-                    client=self.client,
-                )
-            )
-
         try:
-            self._count(write_throughs=self._call("write-through", run))
+            written = self._script(
+                "write-through", self._write_script, self._keys(latest), [self._ttl_ms, *args]
+            )
+            self._count(write_throughs=int(written))
         except _Skipped:
             pass  # the circuit is open: this process bumps before it reads Redis again
 
     def _invalidate(self, state_ids: Sequence[str]) -> None:
         """Delete the entries of *state_ids*: always safe, whatever the store holds."""
 
-        def run(bump: bool) -> Any:
-            return self._invalidate_script(
-                keys=self._keys(state_ids), args=["1" if bump else "0"], client=self.client
-            )
-
         try:
-            self._call("invalidation", run)
+            self._script("invalidation", self._invalidate_script, self._keys(state_ids), [])
             self._count(invalidations=len(state_ids))
         except _Skipped:
             pass
