@@ -513,6 +513,16 @@ def run_postgres(profile: Profile, url: str, tmp: str) -> list[Result]:
     return results
 
 
+def pg_versions(conn: Any, pool: list[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+    """The stored version and data of each state in *pool* (what a baseline writes on)."""
+    rows = conn.execute(
+        "SELECT state_id, version, data FROM statemanager_states WHERE state_id = ANY(%s)",
+        (pool,),
+    ).fetchall()
+    conn.commit()
+    return {sid: (version, data) for sid, version, data in rows}
+
+
 def pg_update(
     profile: Profile, sm: StateManager, engine: sa.Engine, conn: Any, goals: dict[str, float]
 ) -> Result:
@@ -523,12 +533,7 @@ def pg_update(
     known: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def refresh() -> None:
-        rows = conn.execute(
-            "SELECT state_id, version, data FROM statemanager_states WHERE state_id = ANY(%s)",
-            (pool,),
-        ).fetchall()
-        conn.commit()
-        known.update({sid: (version, data) for sid, version, data in rows})
+        known.update(pg_versions(conn, pool))
 
     def base(i: int) -> None:
         sid = pool[i % len(pool)]

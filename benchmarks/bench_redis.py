@@ -258,12 +258,7 @@ def cache_update(profile: Profile, sm: StateManager, conn: Any, rc: redis.Redis)
     meta = Jsonb(core.history_meta())
 
     def refresh() -> None:
-        rows = conn.execute(
-            "SELECT state_id, version, data FROM statemanager_states WHERE state_id = ANY(%s)",
-            (pool,),
-        ).fetchall()
-        conn.commit()
-        known.update({sid: (version, data) for sid, version, data in rows})
+        known.update(core.pg_versions(conn, pool))
 
     def base(i: int) -> None:
         sid = pool[i % len(pool)]
