@@ -471,7 +471,7 @@ class RedisStore(Store):
         if not writes:
             return None
         try:
-            self._commit(ids, rows, writes, uuid.uuid4().hex, optimistic=True)
+            self._commit(ids, rows, writes, "", optimistic=True)
         except _Stale:
             return None
         return writes
@@ -533,20 +533,25 @@ class RedisStore(Store):
         """
         numbers = {state_id: n for n, state_id in enumerate(ids, 1)}
         final: dict[str, State] = {}
+        documents: dict[str, bytes] = {}
+        entries: list[Any] = []
+        args: list[Any] = [b""]
         for write in writes:
-            state_id = write.state["state_id"]
+            state = write.state
+            state_id = state["state_id"]
             if state_id not in numbers:
                 raise ValueError(f"The plan wrote {state_id!r}, which apply() did not read.")
-            final[state_id] = write.state
-        documents: dict[str, bytes] = {}
+            final[state_id] = state
+            document = documents[state_id] = _document(state)
+            args += [document, _document(write.change)]
+            entries += [numbers[state_id], write.expected_version, f"{state_id} {state['version']}"]
         planned: list[Any] = []
         for state_id in ids:
             new_state = final.get(state_id)
-            planned.append(bool(new_state and new_state["status"] in _TOMBSTONES))
+            planned.append(new_state is not None and new_state["status"] in _TOMBSTONES)
             row = rows.get(state_id) if optimistic else None
             planned.append(row["version"] if row is not None else False)
         for _ in range(10):
-            definitions = self._load_definitions()
             keys = _Keys()
             for state_id in ids:
                 keys.add(self.state_key(state_id))
@@ -554,40 +559,7 @@ class RedisStore(Store):
                 keys.add(self.lock_key(state_id))
             keys.add(self._definitions_key)
             keys.add(self._log_key)
-            removals: list[Any] = []
-            additions: list[Any] = []
-            checked: set[str] = set()
-            for state_id, new in final.items():
-                old = rows.get(state_id)
-                before = self._entries(old, definitions)
-                after = self._entries(new, definitions)
-                for state in (old, new):
-                    if state is not None and state["status"] not in _TOMBSTONES:
-                        checked.add(state["type"])
-                for key, member in before:
-                    if (key, member) not in after:
-                        removals += ["zrem", keys.add(key), 0, member]
-                for (key, member), score in after.items():
-                    if before.get((key, member)) != score:
-                        additions += ["zadd", keys.add(key), score, member]
-                if new["status"] not in _TOMBSTONES:
-                    additions += ["sadd", keys.add(self._types_key), 0, new["type"]]
-            checks: list[Any] = []
-            for type_name in sorted(checked):
-                checks += [type_name, definitions.get(type_name, "")]
-            entries: list[Any] = []
-            args: list[Any] = [b""]
-            for write in writes:
-                state = write.state
-                state_id = state["state_id"]
-                document = documents[state_id] = _document(state)
-                change = _document(write.change)
-                entries += [
-                    numbers[state_id],
-                    write.expected_version,
-                    f"{state_id} {state['version']}",
-                ]
-                args += [document, change]
+            checks, operations = self._index_operations(rows, final, keys)
             # Everything but the documents in one JSON argument: redis-py encodes
             # each argument on its own, and that dominated the client's cost.
             args[0] = codec.dumps(
@@ -600,7 +572,7 @@ class RedisStore(Store):
                     checks,
                     entries,
                     planned,
-                    removals + additions,
+                    operations,
                 ]
             )
             try:
@@ -608,20 +580,55 @@ class RedisStore(Store):
             except BackendUnavailableError:
                 self._records.forget(ids)  # the write may or may not have landed
                 raise
-            outcome = _text(reply[0])
-            if outcome in ("ok", "done"):
+            if isinstance(reply, list):  # a state is not at its expected version
+                self._records.forget(ids)
+                raise VersionMismatch(ids[int(reply[0]) - 1], int(reply[1]) or None)
+            if reply > 0:  # committed, now or by an earlier try of this call
                 for state_id, document in documents.items():
                     self._records.put(state_id, final[state_id]["version"], document)
                 return
-            if outcome == "stale":
+            if reply == 0:
                 raise _Stale
-            if outcome == "mismatch":
-                self._records.forget(ids)
-                raise VersionMismatch(ids[int(reply[1]) - 1], int(reply[2]) or None)
             self._definitions = None  # a field was declared meanwhile: plan again
         raise BackendUnavailableError(
             "The index definitions kept changing during a write; retry it.", backend="redis"
         )
+
+    def _index_operations(
+        self, rows: Mapping[str, State | None], final: Mapping[str, State], keys: _Keys
+    ) -> tuple[list[Any], list[Any]]:
+        """The definition checks and index operations that take *rows* to *final*.
+
+        Returns ``(checks, operations)`` as the commit script reads them; adds
+        the index keys the operations name to *keys*. Only what changes is
+        sent: a state that stays live in its type keeps its index members
+        unless their values changed, and its type is already in the type set.
+        """
+        definitions = self._load_definitions()
+        removals: list[Any] = []
+        additions: list[Any] = []
+        checked: set[str] = set()
+        for state_id, new in final.items():
+            old = rows.get(state_id)
+            before = self._entries(old, definitions)
+            after = self._entries(new, definitions)
+            if before:
+                checked.add(old["type"])  # type: ignore[index]
+            if after:
+                checked.add(new["type"])
+            for key, member in before:
+                if (key, member) not in after:
+                    removals += ["zrem", keys.add(key), 0, member]
+            for (key, member), score in after.items():
+                if before.get((key, member)) != score:
+                    additions += ["zadd", keys.add(key), score, member]
+            if after and (not before or old["type"] != new["type"]):  # type: ignore[index]
+                additions += ["sadd", keys.add(self._types_key), 0, new["type"]]
+        checks: list[Any] = []
+        for type_name in sorted(checked):
+            checks += [type_name, definitions.get(type_name, "")]
+        # Removals come first, so a member that stays is re-added.
+        return checks, removals + additions
 
     def _entries(
         self, state: State | None, definitions: Mapping[str, str]
@@ -760,7 +767,9 @@ def _text(value: bytes | str) -> str:
 
 def _stamp(value: datetime) -> str:
     """ISO-8601 UTC with microseconds always present: fixed width, ordered as strings."""
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _micros(value: datetime) -> int:
@@ -777,7 +786,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _document(record: Mapping[str, Any]) -> bytes:
-    return codec.dumps({k: _stamp(v) if isinstance(v, datetime) else v for k, v in record.items()})
+    return codec.dumps_record(record, _stamp)
 
 
 def _state(raw: bytes | str) -> State:

@@ -4,7 +4,7 @@
 -- any lock, planned from the records this process last read or wrote: then
 -- it also refuses when a state is locked by another writer (so it never
 -- overtakes a queued writer) or is not at the version it was planned from,
--- and says 'stale' instead of 'mismatch': the caller reads again under locks.
+-- and returns 0 instead of a mismatch: the caller reads again under locks.
 --
 -- A state's version is the length of its history: every change appends one
 -- entry and adds one to the version. So the compare-and-set checks LLEN, which
@@ -17,7 +17,7 @@
 --       operations below name
 -- ARGV  1: one JSON array (one argument instead of dozens: the client encodes
 --       each argument on its own) of
---         token, tombstone time-to-live in ms (0 keeps tombstones), n states,
+--         lock token ('' when optimistic), tombstone time-to-live in ms (0 keeps tombstones), n states,
 --         change log length, true if optimistic (no locks held) else false,
 --         definition checks: per check type, its definition as planned ('' none),
 --         writes: per write state number, expected version, change log entry,
@@ -28,13 +28,14 @@
 --           score, member;
 --       then per write: state document, change document
 --
--- Returns {'ok'}; {'done'} when a retried call finds its batch committed;
--- {'mismatch', state number, version} when a state is not at its expected
--- version (nothing written, locks released); or {'indexes'} when the index
--- definitions changed since the batch was planned (nothing written, locks kept:
--- the caller plans the index updates again and retries). An optimistic call
--- returns {'stale'} (nothing written) instead of {'mismatch', ...}, and also
--- when a state is locked or not at the version it was planned from.
+-- Returns a number (a reply the client parses fastest): 1 committed; 2 a
+-- retried call found its batch committed; -1 the index definitions changed
+-- since the batch was planned (nothing written, locks kept: the caller plans
+-- the index updates again and retries); 0 (optimistic calls only: nothing
+-- written) a state moved on, is locked, or is not at the version it was
+-- planned from. Or {state number, version}: that state is not at its
+-- expected version (nothing written, locks released; optimistic calls
+-- return 0 instead).
 
 local payload = cjson.decode(ARGV[1])
 local token = payload[1]
@@ -62,7 +63,7 @@ end
 -- 1. The declared fields the index updates were planned with are current.
 for c = 1, #checks, 2 do
   if (redis.call('HGET', definitions, checks[c]) or '') ~= checks[c + 1] then
-    return {'indexes'}
+    return -1
   end
 end
 
@@ -80,40 +81,46 @@ for w = 1, n_writes do
   if current ~= expected then
     -- A call resent after a lost reply finds its own first entry in place.
     if w == 1 and redis.call('LINDEX', history, expected) == ARGV[3] then
-      return {'done'}
+      return 2
     end
     if optimistic then
-      return {'stale'}
+      return 0
     end
     release()
-    return {'mismatch', s, current}
+    return {s, current}
   end
   versions[s] = expected + 1
 end
 
--- 2b. Optimistic: every state (written or only read) is still at the version
---     it was planned from, and no other writer holds its lock.
+-- 2b. Optimistic: every state only read is still at the version it was
+--     planned from (step 2 checked the written ones), and no other writer
+--     holds a lock.
 if optimistic then
   for s = 1, n_states do
     local planned = states[2 * s]
-    if planned ~= false and redis.call('LLEN', KEYS[3 * s - 1]) ~= planned then
-      return {'stale'}
+    if versions[s] == nil and planned ~= false
+        and redis.call('LLEN', KEYS[3 * s - 1]) ~= planned then
+      return 0
     end
     local holder = redis.call('GET', KEYS[3 * s])
     if holder and holder ~= token then
-      return {'stale'}
+      return 0
     end
   end
 end
 
--- 3. Write: documents, history entries, the change log.
+-- 3. Write: documents, history entries, the change log (trimmed in steps of
+--    a tenth of its length: readers take at most its last log_length entries).
+local logged = 0
 for w = 1, n_writes do
   local s = writes[3 * w - 2]
   redis.call('SET', KEYS[3 * s - 2], ARGV[2 * w])
   redis.call('RPUSH', KEYS[3 * s - 1], ARGV[2 * w + 1])
-  redis.call('RPUSH', log, writes[3 * w])
+  logged = redis.call('RPUSH', log, writes[3 * w])
 end
-redis.call('LTRIM', log, -log_length, -1)
+if logged > log_length + log_length / 10 then
+  redis.call('LTRIM', log, -log_length, -1)
+end
 
 -- 4. Tombstones (deleted or expired) leave Redis on their own after a while;
 --    SET above removed any time-to-live from states that came back to life.
@@ -137,5 +144,7 @@ for o = 1, #ops, 4 do
   end
 end
 
-release()
-return {'ok'}
+if not optimistic then
+  release()
+end
+return 1
