@@ -31,6 +31,8 @@ from .records import Change, State, isoformat
 #: Negative zero as a JSON number: PostgreSQL's jsonb turns it into 0.0.
 _NEGATIVE_ZERO = re.compile(rb"(?<=[:\[,])-0\.0(?=[,\]}])")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: Sorted keys; the timestamp goes through records.isoformat, as in to_json().
+_CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def canonical(change: Mapping[str, Any]) -> bytes:
@@ -39,10 +41,10 @@ def canonical(change: Mapping[str, Any]) -> bytes:
     Numbers are written as every store gives them back (``-0.0`` as ``0.0``),
     so a chain verifies the same on every store and after export/import.
     """
-    doc = {k: v for k, v in change.items() if k != "hash"}
-    doc["created_at"] = isoformat(change["created_at"])
-    encoded = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
-    return _NEGATIVE_ZERO.sub(b"0.0", encoded)
+    doc = dict(change)
+    doc.pop("hash", None)
+    encoded = orjson.dumps(doc, default=isoformat, option=_CANONICAL)
+    return _NEGATIVE_ZERO.sub(b"0.0", encoded) if b"-0.0" in encoded else encoded
 
 
 def chain_hash(previous: str | None, change: Mapping[str, Any]) -> str:
