@@ -41,6 +41,12 @@ _URL_RE = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"]+")
 _USERINFO_RE = re.compile(r"[^\s'\"/@:]+:[^\s'\"/@]+@[^\s'\"/]+")
 #: ``password=...`` in a libpq-style key/value DSN.
 _PASSWORD_RE = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+#: An IP address or dotted host name, with its port if any (``10.0.0.7:5432``).
+_HOST_RE = re.compile(
+    r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|localhost|[a-zA-Z][\w-]*(?:\.[\w-]+)+)(?::\d{1,5})?\b"
+)
+#: ``port 5432`` as libpq says it.
+_PORT_RE = re.compile(r"\bport \d+")
 
 health = Blueprint("statemanager_health", __name__)
 
@@ -140,8 +146,12 @@ def to_health_json(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
-    """*value* with URLs, ``user:password@host`` parts, ``password=`` pairs and
-    each of *secrets* masked in every string it holds."""
+    """*value* with each of *secrets*, URLs, ``user:password@host`` parts,
+    ``password=`` pairs, host addresses and ports masked in every string it holds.
+
+    Only strings are touched; a report's ``time`` values hold no dotted host
+    and survive unchanged.
+    """
     secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def clean(text: str) -> str:
@@ -149,7 +159,9 @@ def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
             text = text.replace(secret, "***")
         text = _URL_RE.sub("<url>", text)
         text = _USERINFO_RE.sub("<credentials>", text)
-        return _PASSWORD_RE.sub(r"\1***", text)
+        text = _PASSWORD_RE.sub(r"\1***", text)
+        text = _HOST_RE.sub("<host>", text)
+        return _PORT_RE.sub("port <port>", text)
 
     def walk(item: Any) -> Any:
         if isinstance(item, str):

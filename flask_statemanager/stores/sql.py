@@ -263,13 +263,16 @@ class SQLStore(Store):
 
     #: Below this many rows (by the planner's statistics) the exact count is cheap.
     EXACT_COUNT_BELOW = 50_000
-    #: Seconds a slow SQLite count is reused by :meth:`estimate_count`.
+    #: A SQLite count slower than this many seconds is reused by :meth:`estimate_count`...
+    SLOW_COUNT_SECONDS = 0.01
+    #: ... for this many seconds.
     COUNT_CACHE_SECONDS = 5.0
 
     def estimate_count(self) -> tuple[int, bool]:
         """PostgreSQL: the planner's row estimate for live states once the table
         is large and analysed, else the exact count. SQLite: the exact count,
-        reused for :attr:`COUNT_CACHE_SECONDS` when it took over 10 ms."""
+        reused (and marked inexact) for :attr:`COUNT_CACHE_SECONDS` when it took
+        over :attr:`SLOW_COUNT_SECONDS`."""
         if self.dialect == "postgresql":
             return self._planner_count()
         cached = self._count_cache
@@ -278,7 +281,7 @@ class SQLStore(Store):
             return cached[1], False
         count = self.count()
         done = time.monotonic()
-        self._count_cache = (done, count) if done - now > 0.01 else None
+        self._count_cache = (done, count) if done - now >= self.SLOW_COUNT_SECONDS else None
         return count, True
 
     def _planner_count(self) -> tuple[int, bool]:
