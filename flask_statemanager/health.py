@@ -7,7 +7,8 @@
   ``healthy`` or ``degraded`` (the cache is down, the database answers), 503
   when ``unhealthy`` (the primary store does not answer);
 * ``GET /health/live`` — the process answers; touches no backend;
-* ``GET /health/ready`` — the primary store answers (200), or not (503).
+* ``GET /health/ready`` — the primary store answers and its tables are
+  there (200), or not (503); the cache is not asked.
 
 A client whose ``Accept`` header asks for ``application/health+json`` gets the
 IETF draft's format (`draft-inadarei-api-health-check`): ``pass``/``warn``/
@@ -21,13 +22,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
 
 from . import codec
 from .operations import probe_store
+
+if TYPE_CHECKING:
+    from .extension import Runtime
 
 HEALTH_JSON = "application/health+json"
 
@@ -68,10 +72,10 @@ def live() -> Response:
 
 @health.get("/ready")
 def ready() -> Response:
-    """The primary store answers: the app can serve state operations."""
+    """The primary store answers and can count its states: the app can serve state operations."""
     from .extension import StateManager
 
-    check = probe_store(StateManager().store)
+    check, _count, _exact = probe_store(StateManager().store)
     up = check["status"] == "up"
     body = {"status": "healthy" if up else "unhealthy", "checks": {"database": check}}
     return _respond(body, 200 if up else 503)
@@ -83,7 +87,9 @@ def _respond(body: dict[str, Any], status: int) -> Response:
         body, mimetype = to_health_json(body), HEALTH_JSON
     else:
         mimetype = "application/json"
-    text = codec.dumps_str(redact(body, _secrets()), lenient=True)
+    runtime = current_app.extensions.get("statemanager")
+    secrets = known_secrets(runtime) if runtime is not None else []
+    text = codec.dumps_str(redact(body, secrets), lenient=True)
     response = current_app.response_class(text, status=status, mimetype=mimetype)
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -175,18 +181,18 @@ def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
     return walk(value)
 
 
-def _secrets() -> list[str]:
-    """The passwords the app's configuration and store clients know."""
+def known_secrets(runtime: Runtime) -> list[str]:
+    """The passwords *runtime*'s app configuration and store clients know."""
     found: list[str] = []
+    config = runtime.app.config if runtime.app is not None else {}
     for key in ("STATEMANAGER_DATABASE_URI", "STATEMANAGER_REDIS_URL", "SQLALCHEMY_DATABASE_URI"):
-        url = current_app.config.get(key)
+        url = config.get(key)
         if isinstance(url, str) and "://" in url:
             try:
                 found.append(urlsplit(url).password or "")
             except ValueError:
                 pass
-    runtime = current_app.extensions.get("statemanager")
-    store: Any = getattr(runtime, "store", None)
+    store: Any = runtime.store
     for part in (store, getattr(store, "inner", None)):
         engine_url = getattr(getattr(part, "engine", None), "url", None)
         if engine_url is not None:

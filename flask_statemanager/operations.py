@@ -496,21 +496,17 @@ class StateOperations:
         when the store itself does not answer. ``checks`` holds one report per
         component (``"database"``, and ``"redis"`` with a cache): its
         ``component``, ``status`` (``"up"``/``"down"``), ``latency_ms``, the
-        ``time`` it was taken and, when down, an ``error`` that names no host
-        nor credentials. ``state_count`` is cheap enough to poll at millions of
-        states: on PostgreSQL it is the planner's estimate once the table is
-        large (``state_count_exact`` is then ``False``); ``None`` when down.
+        ``time`` it was taken and, when down, an ``error`` with hosts, ports,
+        URLs and credentials masked (:func:`~flask_statemanager.health.redact`).
+        ``state_count`` is cheap enough to poll at millions of states: on
+        PostgreSQL it is the planner's estimate once the table is large
+        (``state_count_exact`` is then ``False``); ``None`` when down.
         """
+        from .health import known_secrets, redact
+
         runtime = self._runtime()
         store = runtime.store
-        check = probe_store(store)
-        count: int | None = None
-        exact: bool | None = None
-        if check["status"] == "up":
-            try:
-                count, exact = store.estimate_count()
-            except BackendUnavailableError as exc:
-                check.update(status="down", error=str(exc))
+        check, count, exact = probe_store(store)
         checks = {"database": check, **store.components()}
         if check["status"] != "up":
             status = "unhealthy"
@@ -518,7 +514,7 @@ class StateOperations:
             status = "degraded"
         else:
             status = "healthy"
-        return {
+        report = {
             "status": status,
             "store": store.kind,
             "state_count": count,
@@ -526,6 +522,7 @@ class StateOperations:
             "cache_hit_rate": store.cache_hit_rate,
             "checks": checks,
         }
+        return redact(report, known_secrets(runtime))  # type: ignore[no-any-return]
 
     def get_metrics(self) -> dict[str, Any]:
         """Counts per operation, transition and error, callback failures, latencies,
@@ -550,11 +547,13 @@ class StateOperations:
         log_state_operation(operation, state_id, transition, duration_ms, **fields)
 
 
-def probe_store(store: Store) -> dict[str, Any]:
-    """Ask the primary store whether it answers: its health check report.
+def probe_store(store: Store) -> tuple[dict[str, Any], int | None, bool | None]:
+    """Ask the primary store whether it answers and how many states it holds.
 
-    ``{"component", "status": "up"|"down", "latency_ms", "time"}``, plus
-    ``"error"`` when down; never raises for an unreachable backend.
+    :returns: the check report ``{"component", "status": "up"|"down",
+        "latency_ms", "time"}`` (plus ``"error"`` when down), and the state
+        count and whether it is exact (``None`` when down). Never raises for an
+        unreachable or unusable backend: missing tables make it ``"down"`` too.
     """
     start = time.perf_counter()
     check: dict[str, Any] = {"component": store.kind, "time": isoformat(utcnow())}
@@ -564,4 +563,16 @@ def probe_store(store: Store) -> dict[str, Any]:
     except BackendUnavailableError as exc:
         check.update(status="down", error=str(exc))
     check["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
-    return check
+    if check["status"] != "up":
+        return check, None, None
+    try:
+        count, exact = store.estimate_count()
+    except BackendUnavailableError as exc:
+        check.update(status="down", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - missing tables, permissions: not usable
+        orig = getattr(exc, "orig", None) or exc
+        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        check.update(status="down", error=f"Counting states failed: {reason}")
+    else:
+        return check, count, exact
+    return check, None, None

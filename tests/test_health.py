@@ -243,6 +243,19 @@ def test_redact_masks_urls_credentials_and_known_secrets() -> None:
     assert redact({"n": 1, "ok": None}) == {"n": 1, "ok": None}
 
 
+def test_missing_tables_are_unhealthy_and_not_ready(tmp_path: Path, postgres_url: str) -> None:
+    app = _app(
+        tmp_path, STATEMANAGER_DATABASE_URI=postgres_url, STATEMANAGER_TABLE_PREFIX="sm_absent_"
+    )
+    client = app.test_client()  # `flask states init-db` never ran
+    for url in ("/health", "/health/ready"):
+        response = _get(client, url)
+        assert response.status_code == 503
+        check = response.get_json()["checks"]["database"]
+        assert check["status"] == "down"
+        assert "sm_absent_states" in check["error"] and "does not exist" in check["error"]
+
+
 # -- the state count --------------------------------------------------------------------------
 
 
@@ -350,6 +363,10 @@ def test_postgres_down_gives_503_then_healthy_again(
         assert ready.status_code == 503 and ready.get_json()["status"] == "unhealthy"
         _no_secrets(ready, str(private_postgres.port))
         assert _get(client, "/health/live").status_code == 200  # never asks the database
+        with app.app_context():
+            report = json.dumps(StateManager().get_health_status())
+        for secret in (PASSWORD, "127.0.0.1", str(private_postgres.port), "://"):
+            assert secret not in report
     finally:
         private_postgres.start()
 
