@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -284,15 +285,18 @@ class SQLStore(Store):
         self._count_cache = (done, count) if done - now >= self.SLOW_COUNT_SECONDS else None
         return count, True
 
-    def _planner_count(self) -> tuple[int, bool]:
+    @cached_property
+    def _explain_live(self) -> str:
         live = (
             sa.select(sa.literal(1))
             .select_from(self.states)
             .where(self.states.c.status.not_in([DELETED, EXPIRED]))
         )
-        explain = "EXPLAIN (FORMAT JSON) " + str(
-            live.compile(self.engine, compile_kwargs={"literal_binds": True})
-        )
+        compiled = live.compile(self.engine, compile_kwargs={"literal_binds": True})
+        return f"EXPLAIN (FORMAT JSON) {compiled}"
+
+    def _planner_count(self) -> tuple[int, bool]:
+        explain = self._explain_live
         with self._connect() as conn:
             # reltuples is -1 until the first VACUUM or ANALYZE.
             analysed = conn.execute(
