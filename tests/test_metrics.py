@@ -134,6 +134,22 @@ def test_get_metrics_counts_every_outcome(app: Flask) -> None:
     assert latency["sum_ms"] > 0
 
 
+def test_bulk_rejections_are_counted_once_per_refused_item(app: Flask) -> None:
+    with app.app_context():
+        sm = StateManager()
+        result = sm.bulk_register(
+            [
+                {"state_id": "b1", "state_type": "user", "initial_data": user(age=1)},
+                {"state_id": "b2", "state_type": "user", "initial_data": user(age=-5)},
+                {"state_id": "b3", "state_type": "user", "initial_data": user(age=-6)},
+            ]
+        )
+        assert set(result.states) == {"b1"}
+        metrics = sm.get_metrics()
+    assert metrics["rejections"] == {"user:StateValidationError": 2}
+    assert metrics["transitions"] == {"user:create": 1}
+
+
 def test_prometheus_endpoint_reads_the_same_numbers(app: Flask) -> None:
     with app.app_context():
         _exercise(StateManager())
