@@ -97,6 +97,18 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
         50,
         "Attempts of a last-write-wins write that keeps losing compare-and-set races.",
     ),
+    (
+        "STATEMANAGER_HEALTH_URL_PREFIX",
+        "/health",
+        "URL prefix of the health blueprint (/health, /health/live, /health/ready); None or "
+        "'' leaves it out.",
+    ),
+    (
+        "STATEMANAGER_METRICS_URL",
+        "/metrics",
+        "URL of the Prometheus metrics endpoint, served when the 'metrics' extra "
+        "(prometheus-client) is installed; None or '' leaves it out.",
+    ),
 )
 
 DEFAULTS: dict[str, Any] = {key: default for key, default, _ in SETTINGS}
@@ -125,6 +137,8 @@ class Settings:
     cache_timeout: float
     cache_cooldown: float
     sweep_interval: float | None
+    health_url_prefix: str | None
+    metrics_url: str | None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -190,6 +204,18 @@ class Settings:
             raise ConfigurationError(
                 "STATEMANAGER_TABLE_PREFIX must be letters, digits and underscores."
             )
+
+        def url(key: str) -> str | None:
+            value = values[key]
+            if value is None or value == "":
+                return None
+            if not isinstance(value, str) or not value.startswith("/") or value == "/":
+                raise ConfigurationError(
+                    f"{key} must be a path such as '/health' (or None to turn it off), "
+                    f"got {value!r}."
+                )
+            return value.rstrip("/")
+
         return cls(
             store=store,
             database_uri=values["STATEMANAGER_DATABASE_URI"],
@@ -210,4 +236,6 @@ class Settings:
             cache_timeout=seconds("STATEMANAGER_CACHE_TIMEOUT"),
             cache_cooldown=seconds("STATEMANAGER_CACHE_COOLDOWN"),
             sweep_interval=seconds("STATEMANAGER_SWEEP_INTERVAL", optional=True),
+            health_url_prefix=url("STATEMANAGER_HEALTH_URL_PREFIX"),
+            metrics_url=url("STATEMANAGER_METRICS_URL"),
         )

@@ -32,6 +32,7 @@ from . import codec
 from .audit import seal
 from .definitions import DELETED, EXPIRED, TypeDefinition, builtin_types
 from .errors import (
+    InvalidTransitionError,
     StateConflictError,
     StateExistsError,
     StateLimitError,
@@ -206,16 +207,20 @@ def commit(
     state_ids = list(dict.fromkeys(op.state_id for op in operations))
     committed: list[tuple[Write, State | None]] = []
     outcomes: list[Outcome] = []
+    rejected: list[tuple[str, StateManagerError]] = []  # (state type, error): metrics
 
     def plan(rows: Mapping[str, State | None], heads: Mapping[str, str | None]) -> list[Write]:
         committed.clear()
         outcomes.clear()
+        rejected.clear()
         now = utcnow()
         current = dict(rows)
         for op in operations:
             try:
                 writes = _plan_one(registry, runtime, op, current.get(op.state_id), now)
             except StateManagerError as exc:
+                if isinstance(exc, _REJECTIONS):
+                    rejected.append((_type_of(registry, op, current.get(op.state_id)), exc))
                 if not partial:
                     raise
                 outcomes.append(exc)
@@ -241,6 +246,10 @@ def commit(
                 # Back off with jitter so racing writers stop colliding.
                 time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
             continue
+        except StateManagerError:
+            _count_rejections(runtime, rejected)
+            raise
+        _count_rejections(runtime, rejected)
         after_commit(registry, runtime, committed)
         return list(outcomes)
     raise StateConflictError(
@@ -250,6 +259,21 @@ def commit(
         message=f"State {', '.join(map(repr, state_ids))} kept changing under {attempts} "
         "attempts to write it; retry later or pass a larger retries.",
     )
+
+
+#: Errors that count as a rejected change in the metrics.
+_REJECTIONS = (StateValidationError, InvalidTransitionError, StateLimitError)
+
+
+def _type_of(registry: Registry, op: Operation, row: State | None) -> str:
+    """The state type an operation targets, for metric labels (never arbitrary input)."""
+    name = op.create_type if op.create_type is not None else (row["type"] if row else None)
+    return name if name in registry.types else "unknown"
+
+
+def _count_rejections(runtime: Runtime, rejected: Sequence[tuple[str, StateManagerError]]) -> None:
+    for state_type, exc in rejected:
+        runtime.metrics.rejected(state_type, type(exc).__name__)
 
 
 def write(
@@ -442,7 +466,12 @@ def after_commit(
     """
     for w, old in committed:
         state, change = w.state, w.change
-        runtime.metrics.committed(state["type"], change["transition"])
+        runtime.metrics.committed(
+            state["type"],
+            change["transition"],
+            change["metadata"].get("from_status"),
+            change["metadata"].get("to_status"),
+        )
         dispatch(
             runtime,
             registry.callbacks,

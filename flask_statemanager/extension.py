@@ -191,6 +191,7 @@ class StateManager(StateOperations):
 
         if "states" not in app.cli.commands:
             app.cli.add_command(states)
+        _register_endpoints(app, settings)
 
     def create_all(self) -> None:
         """Create the tables and declared indexes of the current app's store (idempotent)."""
@@ -234,3 +235,14 @@ class StateManager(StateOperations):
         if self._standalone is not None:
             self._standalone.close()
             self._standalone = None
+
+
+def _register_endpoints(app: Flask, settings: Settings) -> None:
+    """Add the health blueprint and the ``/metrics`` view, as configured, once per app."""
+    from .health import health
+    from .prometheus import add_metrics_view
+
+    if settings.health_url_prefix and health.name not in app.blueprints:
+        app.register_blueprint(health, url_prefix=settings.health_url_prefix)
+    if settings.metrics_url:
+        add_metrics_view(app, settings.metrics_url)

@@ -1,7 +1,10 @@
 """In-process metrics and structured operation logs.
 
-Each app keeps one :class:`Metrics`: counts per operation, per transition and
-per error type, callback failures, and a latency histogram per operation.
+Each app keeps one :class:`Metrics`: counts per operation, per transition
+(by type, and by type, transition and from/to status), per error type,
+conflicts, validation rejections per state type, callback failures, expiries,
+and a latency histogram per operation. :mod:`.prometheus` serves them at
+``/metrics`` in Prometheus text format.
 :func:`log_state_operation` writes one JSON log line per operation to the
 ``flask_statemanager`` logger (at INFO; nothing is formatted unless enabled).
 """
@@ -34,6 +37,8 @@ class Metrics:
             self.operations: Counter[str] = Counter()
             self.errors: Counter[str] = Counter()
             self.transitions: Counter[str] = Counter()
+            self.status_changes: Counter[tuple[str, str, str, str]] = Counter()
+            self.rejections: Counter[tuple[str, str]] = Counter()
             self.conflicts = 0
             self.callback_errors = 0
             self.callback_failures = 0
@@ -56,20 +61,34 @@ class Metrics:
             buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
             self._latency_sum[operation] = self._latency_sum.get(operation, 0.0) + duration_ms
 
-    def committed(self, state_type: str, transition: str) -> None:
-        """Count one committed change."""
+    def committed(
+        self,
+        state_type: str,
+        transition: str,
+        from_status: str | None = None,
+        to_status: str | None = None,
+    ) -> None:
+        """Count one committed change (``from_status`` is ``None`` on create)."""
         with self._lock:
             self.transitions[f"{state_type}:{transition}"] += 1
+            self.status_changes[(state_type, transition, from_status or "", to_status or "")] += 1
             if transition == "expire":
                 self.expired += 1
 
+    def rejected(self, state_type: str, error: str) -> None:
+        """Count one change refused by validation, the lifecycle or a limit."""
+        with self._lock:
+            self.rejections[(state_type, error)] += 1
+
     def callback_error(self, final: bool) -> None:
+        """Count a callback that raised; *final* when it will not be retried."""
         with self._lock:
             self.callback_errors += 1
             if final:
                 self.callback_failures += 1
 
     def signal_error(self) -> None:
+        """Count a signal receiver that raised."""
         with self._lock:
             self.signal_errors += 1
 
@@ -92,6 +111,17 @@ class Metrics:
                 "operations": dict(self.operations),
                 "errors": dict(self.errors),
                 "transitions": dict(self.transitions),
+                "status_changes": [
+                    {
+                        "type": t,
+                        "transition": name,
+                        "from_status": before or None,
+                        "to_status": after or None,
+                        "count": n,
+                    }
+                    for (t, name, before, after), n in sorted(self.status_changes.items())
+                ],
+                "rejections": {f"{t}:{error}": n for (t, error), n in self.rejections.items()},
                 "conflicts": self.conflicts,
                 "expired": self.expired,
                 "callback_errors": self.callback_errors,

@@ -513,24 +513,24 @@ class StateOperations:
     # -- operations and health ---------------------------------------------------
 
     def get_health_status(self) -> dict[str, Any]:
-        """``{"status", "state_count", "cache_hit_rate", "checks"}``.
+        """``{"status", "store", "state_count", "state_count_exact", "cache_hit_rate", "checks"}``.
 
         ``status`` is ``"healthy"``, ``"degraded"`` when a secondary component
         (the Redis cache) is down while the store answers, or ``"unhealthy"``
-        when the store itself does not answer.
+        when the store itself does not answer. ``checks`` holds one report per
+        component (``"database"``, and ``"redis"`` with a cache): its
+        ``component``, ``status`` (``"up"``/``"down"``), ``latency_ms``, the
+        ``time`` it was taken and, when down, an ``error`` with hosts, ports,
+        URLs and credentials masked (:func:`~flask_statemanager.health.redact`).
+        ``state_count`` is cheap enough to poll at millions of states: on
+        PostgreSQL it is the planner's estimate once the table is large
+        (``state_count_exact`` is then ``False``); ``None`` when down.
         """
+        from .health import known_secrets, redact
+
         runtime = self._runtime()
         store = runtime.store
-        start = time.perf_counter()
-        check: dict[str, Any] = {"time": isoformat(utcnow())}
-        try:
-            check.update(store.check())
-            count: int | None = store.count()
-            check["status"] = "up"
-        except BackendUnavailableError as exc:
-            count = None
-            check.update(status="down", error=str(exc))
-        check["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        check, count, exact = probe_store(store)
         checks = {"database": check, **store.components()}
         if check["status"] != "up":
             status = "unhealthy"
@@ -538,13 +538,15 @@ class StateOperations:
             status = "degraded"
         else:
             status = "healthy"
-        return {
+        report = {
             "status": status,
             "store": store.kind,
             "state_count": count,
+            "state_count_exact": exact,
             "cache_hit_rate": store.cache_hit_rate,
             "checks": checks,
         }
+        return redact(report, known_secrets(runtime))  # type: ignore[no-any-return]
 
     def get_metrics(self) -> dict[str, Any]:
         """Counts per operation, transition and error, callback failures, latencies,
@@ -567,3 +569,34 @@ class StateOperations:
             else str(getattr(transition_type, "value", transition_type))
         )
         log_state_operation(operation, state_id, transition, duration_ms, **fields)
+
+
+def probe_store(store: Store) -> tuple[dict[str, Any], int | None, bool | None]:
+    """Ask the primary store whether it answers and how many states it holds.
+
+    :returns: the check report ``{"component", "status": "up"|"down",
+        "latency_ms", "time"}`` (plus ``"error"`` when down), and the state
+        count and whether it is exact (``None`` when down). Never raises for an
+        unreachable or unusable backend: missing tables make it ``"down"`` too.
+    """
+    start = time.perf_counter()
+    check: dict[str, Any] = {"component": store.kind, "time": isoformat(utcnow())}
+    try:
+        check.update(store.check())
+        check["status"] = "up"
+    except BackendUnavailableError as exc:
+        check.update(status="down", error=str(exc))
+    check["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
+    if check["status"] != "up":
+        return check, None, None
+    try:
+        count, exact = store.estimate_count()
+    except BackendUnavailableError as exc:
+        check.update(status="down", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - missing tables, permissions: not usable
+        orig = getattr(exc, "orig", None) or exc
+        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        check.update(status="down", error=f"Counting states failed: {reason}")
+    else:
+        return check, count, exact
+    return check, None, None

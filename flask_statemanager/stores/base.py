@@ -131,6 +131,17 @@ class Store(ABC):
     def count(self) -> int:
         """How many states are stored and neither deleted nor expired."""
 
+    def estimate_count(self) -> tuple[int, bool]:
+        """:meth:`count`, or a cheap estimate of it: ``(count, exact)``.
+
+        The health check polls this, so it must stay cheap at millions of
+        states; a store where :meth:`count` is not cheap returns an estimate
+        and ``exact=False``. The default is the exact :meth:`count`.
+
+        :raises BackendUnavailableError: the backend does not answer.
+        """
+        return self.count(), True
+
     @abstractmethod
     def check(self) -> dict[str, Any]:
         """Probe the backend; return facts for the health report.

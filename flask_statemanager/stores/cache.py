@@ -718,6 +718,9 @@ class CachedStore(Store):
     def count(self) -> int:
         return self.inner.count()
 
+    def estimate_count(self) -> tuple[int, bool]:
+        return self.inner.estimate_count()
+
     def check(self) -> dict[str, Any]:
         return self.inner.check()
 

@@ -16,9 +16,11 @@ expression indexes ``(type, <json expression>, state_id)``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,6 +63,7 @@ class SQLStore(Store):
         ]
         h = self.history_table
         self._change_columns = [h.c[k if k != "metadata" else "meta"] for k in CHANGE_KEYS]
+        self._count_cache: tuple[float, int] | None = None
 
     # -- schema -------------------------------------------------------------
 
@@ -266,6 +269,53 @@ class SQLStore(Store):
         )
         with self._connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    #: Below this many rows (by the planner's statistics) the exact count is cheap.
+    EXACT_COUNT_BELOW = 50_000
+    #: A SQLite count slower than this many seconds is reused by :meth:`estimate_count`...
+    SLOW_COUNT_SECONDS = 0.01
+    #: ... for this many seconds.
+    COUNT_CACHE_SECONDS = 5.0
+
+    def estimate_count(self) -> tuple[int, bool]:
+        """PostgreSQL: the planner's row estimate for live states once the table
+        is large and analysed, else the exact count. SQLite: the exact count,
+        reused (and marked inexact) for :attr:`COUNT_CACHE_SECONDS` when it took
+        over :attr:`SLOW_COUNT_SECONDS`."""
+        if self.dialect == "postgresql":
+            return self._planner_count()
+        cached = self._count_cache
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.COUNT_CACHE_SECONDS:
+            return cached[1], False
+        count = self.count()
+        done = time.monotonic()
+        self._count_cache = (done, count) if done - now >= self.SLOW_COUNT_SECONDS else None
+        return count, True
+
+    @cached_property
+    def _explain_live(self) -> str:
+        live = (
+            sa.select(sa.literal(1))
+            .select_from(self.states)
+            .where(self.states.c.status.not_in([DELETED, EXPIRED]))
+        )
+        compiled = live.compile(self.engine, compile_kwargs={"literal_binds": True})
+        return f"EXPLAIN (FORMAT JSON) {compiled}"
+
+    def _planner_count(self) -> tuple[int, bool]:
+        explain = self._explain_live
+        with self._connect() as conn:
+            # reltuples is -1 until the first VACUUM or ANALYZE.
+            analysed = conn.execute(
+                sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:table)"),
+                {"table": self.states.name},
+            ).scalar()
+            if analysed is not None and analysed >= self.EXACT_COUNT_BELOW:
+                rows = conn.execute(sa.text(explain)).scalar_one()[0]["Plan"]["Plan Rows"]
+                if rows >= self.EXACT_COUNT_BELOW:
+                    return int(rows), False
+        return self.count(), True
 
     def check(self) -> dict[str, Any]:
         with self._connect() as conn:
