@@ -1097,6 +1097,20 @@ class StoreContract:
         assert sorted(users) == [f"u{n}" for n in range(7)]
         assert list(sm.store.scan("cart")) == []
 
+    def test_tally_counts_states_by_type_and_status_and_history(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user())
+        sm.register_state("u2", "user", user())
+        sm.transition("u2", "activate")
+        sm.register_state("u3", "user", user())
+        sm.delete_state("u3")
+        sm.register_state("s1", "session", {"data": {}})
+        tally = sm.store.tally()
+        assert tally.states == {
+            "user": {"pending": 1, "active": 1, "deleted": 1},
+            "session": {"pending": 1},
+        }
+        assert tally.history == 6
+
     # -- health, metrics ------------------------------------------------------------------------
 
     def test_health_and_metrics(self, sm: StateManager) -> None:

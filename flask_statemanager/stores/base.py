@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -41,6 +41,20 @@ class Write:
     state: State
     expected_version: int
     change: Change
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a store holds: states by type and status, and history entries in all."""
+
+    #: ``{type: {status: count}}``, deleted and expired states included.
+    states: dict[str, dict[str, int]] = field(default_factory=dict)
+    history: int = 0
+
+    def add(self, type_name: str, status: str, count: int = 1) -> None:
+        """Count *count* states of *type_name* in *status*."""
+        by_status = self.states.setdefault(type_name, {})
+        by_status[status] = by_status.get(status, 0) + count
 
 
 #: Given the stored rows (``None`` for absent ids), returns the writes to commit.
@@ -150,6 +164,17 @@ class Store(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Delete every state and history entry (tests and demos)."""
+
+    def tally(self) -> Tally:
+        """States by type and status (tombstones included) and history entries, for
+        ``flask states stats``. This default walks :meth:`scan`; stores override it
+        with their own aggregates."""
+        tally = Tally()
+        for batch in self.scan():
+            for state in batch:
+                tally.add(state["type"], state["status"])
+                tally.history += len(self.history(state["state_id"]))
+        return tally
 
     def components(self) -> dict[str, dict[str, Any]]:
         """Health of the parts besides the primary store (a cache), by name; never raises.

@@ -133,7 +133,7 @@ from ..definitions import TypeDefinition
 from ..errors import BackendUnavailableError, StateManagerError
 from ..query import Query
 from ..records import Change, State, isoformat, utcnow
-from .base import Plan, Store, VersionMismatch, Write
+from .base import Plan, Store, Tally, VersionMismatch, Write
 
 logger = logging.getLogger("flask_statemanager")
 
@@ -725,6 +725,9 @@ class CachedStore(Store):
 
     def count(self) -> int:
         return self.inner.count()
+
+    def tally(self) -> Tally:
+        return self.inner.tally()
 
     def check(self) -> dict[str, Any]:
         return self.inner.check()

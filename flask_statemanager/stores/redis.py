@@ -124,7 +124,7 @@ from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..errors import BackendUnavailableError, ConfigurationError, StateValidationError
 from ..query import Query
 from ..records import Change, State
-from .base import Plan, Store, VersionMismatch, Write, check_restore, restore_refused
+from .base import Plan, Store, Tally, VersionMismatch, Write, check_restore, restore_refused
 
 _SCRIPTS = (
     "backfill",
@@ -422,6 +422,19 @@ class RedisStore(Store):
                 yield batch
             if cursor == 0:
                 return
+
+    def tally(self) -> Tally:
+        """Walks the documents (:meth:`scan`) and their histories' lengths, a batch per
+        round trip; histories of tombstones Redis dropped are not counted."""
+        tally = Tally()
+        for batch in self.scan():
+            with self._redis():
+                pipe = self.client.pipeline(transaction=False)
+                for state in batch:
+                    tally.add(state["type"], state["status"])
+                    pipe.llen(self.history_key(state["state_id"]))
+                tally.history += sum(pipe.execute())
+        return tally
 
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         with self._redis():

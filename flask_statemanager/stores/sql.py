@@ -30,7 +30,7 @@ from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..errors import BackendUnavailableError, StateValidationError
 from ..query import Condition, Query
 from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
-from .base import Plan, Store, VersionMismatch, Write, check_restore, restore_refused
+from .base import Plan, Store, Tally, VersionMismatch, Write, check_restore, restore_refused
 from .sql_json import column_name, compare, json_dialect
 from .sql_statements import Statements
 from .sql_tables import index_name, make_tables
@@ -276,6 +276,18 @@ class SQLStore(Store):
         )
         with self._connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def tally(self) -> Tally:
+        s, h = self.states, self.history_table
+        by_status = sa.select(s.c.type, s.c.status, sa.func.count()).group_by(s.c.type, s.c.status)
+        tally = Tally()
+        with self._connect() as conn:
+            for type_name, status, count in conn.execute(by_status).all():
+                tally.add(type_name, status, int(count))
+            tally.history = int(
+                conn.execute(sa.select(sa.func.count()).select_from(h)).scalar_one()
+            )
+        return tally
 
     def check(self) -> dict[str, Any]:
         with self._connect() as conn:
