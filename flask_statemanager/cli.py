@@ -358,9 +358,10 @@ def stats(as_json: bool) -> None:
 def export(state_type: str | None, output: IO[bytes]) -> None:
     """Write every state with its full history as JSON lines, and their checksum.
 
-    Deleted and expired states are included, with their history. Import the file into any store with `flask states import`: equal checksums
-    at both ends prove an identical copy. A progress bar shows on standard
-    error unless the data goes to standard output.
+    Deleted and expired states are included. Import the file into any store
+    with `flask states import`: equal checksums at both ends prove an
+    identical copy. A progress bar shows on standard error unless the data
+    goes to standard output.
     """
     store = _manager().store
     to_stdout = output.name == "<stdout>" or output is sys.stdout.buffer
