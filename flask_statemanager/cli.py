@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import click
 from flask.cli import with_appcontext
@@ -194,7 +194,7 @@ def _print_page(page: Page, as_json: bool) -> None:
     click.echo(f"Page {page.page} of {max(page.pages, 1)} ({page.total} state(s)).", err=True)
 
 
-@states.command("list")
+@states.command("list", short_help="List live states, a page at a time.")
 @click.option("--type", "state_type", callback=_known_type, help="Only states of this type.")
 @_paging
 @with_appcontext
@@ -213,7 +213,7 @@ def list_states(
     _print_page(found, as_json)
 
 
-@states.command("search")
+@states.command("search", short_help="Search states of a type by FILTERs.")
 @click.argument("state_type", metavar="TYPE", callback=_known_type)
 @click.argument("filters", metavar="FILTER...", nargs=-1, callback=_parse_filters)
 @_paging
@@ -261,7 +261,7 @@ def _parse_data(ctx: click.Context, param: click.Parameter, value: str | None) -
     return data
 
 
-@states.command("transition")
+@states.command("transition", short_help="Apply a lifecycle transition to a state.")
 @click.argument("state_id")
 @click.argument("transition_name", metavar="TRANSITION")
 @click.option(
@@ -301,7 +301,7 @@ def transition(
 # -- statistics --------------------------------------------------------------------------
 
 
-@states.command("stats")
+@states.command("stats", short_help="States by type and status, history, cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @with_appcontext
 def stats(as_json: bool) -> None:
@@ -344,18 +344,18 @@ def stats(as_json: bool) -> None:
 # -- export and import -------------------------------------------------------------------
 
 
-@states.command("export")
+@states.command("export", short_help="Export states and history as JSON lines.")
 @click.option("--type", "state_type", callback=_known_type, help="Only states of this type.")
 @click.option(
     "--output",
     "-o",
-    type=click.File("wb", lazy=False),
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
     default="-",
     show_default=True,
     help="File to write; '-' is standard output.",
 )
 @with_appcontext
-def export(state_type: str | None, output: IO[bytes]) -> None:
+def export(state_type: str | None, output: str) -> None:
     """Write every state with its full history as JSON lines, and their checksum.
 
     Deleted and expired states are included. Import the file into any store
@@ -364,10 +364,14 @@ def export(state_type: str | None, output: IO[bytes]) -> None:
     goes to standard output.
     """
     store = _manager().store
-    to_stdout = output.name == "<stdout>" or output is sys.stdout.buffer
-    with _clear_errors():
+    to_stdout = output == "-"
+    try:
+        out = click.open_file(output, "wb")
+    except OSError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--output'") from None
+    with out, _clear_errors():
         if to_stdout:
-            summary = export_states(store, output, state_type=state_type)
+            summary = export_states(store, out, state_type=state_type)
         else:
             tally = store.tally()
             total = sum(
@@ -375,9 +379,8 @@ def export(state_type: str | None, output: IO[bytes]) -> None:
                 for name, by_status in tally.states.items()
                 if state_type is None or name == state_type
             )
-            with click.progressbar(length=total, label="Exporting", file=sys.stderr) as bar:
-                summary = export_states(store, output, state_type=state_type, progress=bar.update)
-    output.flush()
+            with click.progressbar(length=total, label="Exporting", file=_stderr()) as bar:
+                summary = export_states(store, out, state_type=state_type, progress=bar.update)
     click.echo(
         f"Exported {summary.states} state(s) with {summary.changes} change(s) "
         f"from the {store.kind} store.\nChecksum: {summary.checksum}",
@@ -385,7 +388,11 @@ def export(state_type: str | None, output: IO[bytes]) -> None:
     )
 
 
-@states.command("import")
+def _stderr() -> TextIO:
+    return sys.stderr  # looked up per call: the test runner swaps it
+
+
+@states.command("import", short_help="Import an export into this store.")
 @click.argument("source", metavar="[FILE]", type=click.File("rb"), default="-")
 @click.option(
     "--replace", is_flag=True, help="Overwrite states the store already holds, with their history."
@@ -407,7 +414,7 @@ def import_(source: IO[bytes], replace: bool) -> None:
     with _clear_errors():
         with prepare_import(store, source, manager.get_type, replace=replace) as prepared:
             with click.progressbar(
-                length=prepared.states, label="Importing", file=sys.stderr
+                length=prepared.states, label="Importing", file=_stderr()
             ) as bar:
                 summary = prepared.restore(progress=bar.update)
     click.echo(

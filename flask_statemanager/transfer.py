@@ -34,7 +34,7 @@ import orjson
 from .engine import check_state_id
 from .errors import StateManagerError, StateValidationError
 from .records import CHANGE_KEYS, STATE_COLUMNS, Change, State, parse_time
-from .stores.base import Store
+from .stores.base import Store, check_restore
 
 #: The store is read and the existence of ids checked this many states at a time.
 BATCH_SIZE = 500
@@ -115,6 +115,7 @@ def decode(
     try:
         state = _state(raw_state, check_type)
         history = [_change(c, n) for n, c in enumerate(raw_history, 1)]
+        check_restore(state, history)
     except (StateValidationError, ValueError, TypeError) as exc:
         raise TransferError(str(exc), line=number) from None
     return state, history
