@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import orjson
 
+from .codec import check_text
 from .engine import check_state_id
 from .errors import StateManagerError, StateValidationError
 from .records import CHANGE_KEYS, STATE_COLUMNS, Change, State, parse_time
@@ -132,9 +133,8 @@ def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
         )
     state_id = check_state_id(doc["state_id"])
     check_type(doc["type"])  # an unregistered type could not be used after the import
-    for key in ("name", "status"):
-        if not isinstance(doc[key], str) or not doc[key]:
-            raise ValueError(f"state {key} must be a non-empty string.")
+    for key, longest in (("name", 255), ("status", 64)):
+        check_text(doc[key], f"state {key}", max_length=longest)
     for key in ("data", "metadata"):
         if not isinstance(doc[key], dict):
             raise ValueError(f"state {key} must be an object.")
@@ -169,10 +169,12 @@ def _change(doc: Any, number: int) -> Change:
     problem = None
     if not isinstance(doc["change_id"], str) or not 0 < len(doc["change_id"]) <= 36:
         problem = "change_id must be a string of 1-36 characters"
-    elif not isinstance(doc["transition"], str) or not doc["transition"]:
-        problem = "transition must be a non-empty string"
-    elif doc["actor"] is not None and not isinstance(doc["actor"], str):
-        problem = "actor must be a string or null"
+    elif not isinstance(doc["transition"], str) or not 0 < len(doc["transition"]) <= 64:
+        problem = "transition must be a string of 1-64 characters"
+    elif doc["actor"] is not None and (
+        not isinstance(doc["actor"], str) or not 0 < len(doc["actor"]) <= 255
+    ):
+        problem = "actor must be a string of 1-255 characters or null"
     elif not isinstance(doc["metadata"], dict):
         problem = "metadata must be an object"
     elif any(doc[k] is not None and not isinstance(doc[k], dict) for k in ("old_data", "new_data")):

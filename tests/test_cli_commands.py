@@ -425,7 +425,7 @@ def _line(app: Flask) -> dict[str, Any]:
         ),
         (
             lambda d: json.dumps({**d, "history": [{**d["history"][0], "actor": 5}]}),
-            "history entry 1: actor must be a string or null",
+            "history entry 1: actor must be a string of 1-255 characters or null",
         ),
         (
             lambda d: json.dumps({**d, "history": [{**d["history"][0], "version": 2}]}),
@@ -461,3 +461,34 @@ def test_export_bad_arguments(sqlite_app: Flask, tmp_path: Path) -> None:
     assert "Unknown state type 'nope'" in refused(sqlite_app, "export", "--type", "nope")
     missing = tmp_path / "no" / "such" / "dir" / "out.jsonl"
     assert "No such file or directory" in refused(sqlite_app, "export", "-o", str(missing))
+
+
+def test_import_stops_at_a_state_the_store_refuses(sqlite_app: Flask, redis_app: Flask) -> None:
+    seed(sqlite_app)
+    lines = ok(sqlite_app, "export").stdout.splitlines()
+    pruned = json.loads(lines[2])  # user_01: three changes
+    assert pruned["state"]["state_id"] == "user_01"
+    pruned["history"] = pruned["history"][1:]  # as retention would leave it
+    text = "\n".join([lines[0], json.dumps(pruned), lines[3]])
+    message = refused(redis_app, "import", input=text)
+    assert "Line 2: State 'user_01' is at version 3 with 2 history entries" in message
+    assert "Restored 1 of 3 states before this one" in message
+    # Each state is whole or absent: the first is restored, the refused one not at all.
+    assert sorted(snapshot(redis_app)) == ["sess_1"]
+    with redis_app.app_context():
+        assert StateManager().store.history("user_01") == []
+
+
+def test_sql_restore_is_all_or_nothing(postgres_app: Flask) -> None:
+    with postgres_app.app_context():
+        sm = StateManager()
+        sm.register_state("u1", "user", {"data": {}})
+        sm.transition("u1", "activate")
+        state, history = sm.store.get("u1"), sm.store.history("u1")
+        assert state is not None
+        sm.store.reset()
+        # The second history row overflows its column after the state row went in.
+        history[1]["transition"] = "x" * 100
+        with pytest.raises(Exception, match="too long"):
+            sm.store.restore(state, history)
+        assert sm.store.get("u1") is None and sm.store.history("u1") == []
