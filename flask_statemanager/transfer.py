@@ -202,7 +202,10 @@ def export_states(
     changes = 0
     for batch in store.scan(state_type, BATCH_SIZE):
         for state in batch:
-            history = store.history(state["state_id"])
+            # History only grows: entries committed after the record was read are
+            # left out, so the line is the state and its history at one moment.
+            version = state["version"]
+            history = [c for c in store.history(state["state_id"]) if c["version"] <= version]
             line = encode(state, history)
             out.write(line + b"\n")
             checksum.add(state["state_id"], line)

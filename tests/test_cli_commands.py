@@ -492,3 +492,31 @@ def test_sql_restore_is_all_or_nothing(postgres_app: Flask) -> None:
         with pytest.raises(Exception, match="too long"):
             sm.store.restore(state, history)
         assert sm.store.get("u1") is None and sm.store.history("u1") == []
+
+
+def test_export_is_consistent_while_states_change(tmp_path: Path) -> None:
+    """A change committed between reading a record and its history is left out."""
+    from flask_statemanager.stores.memory import MemoryStore
+
+    app = _app(tmp_path, "racing", STATEMANAGER_STORE="memory")
+
+    class Racing(MemoryStore):
+        raced = False
+
+        def history(self, state_id: str, transition: str | None = None) -> list[Any]:
+            if not self.raced:
+                self.raced = True
+                StateManager().transition(state_id, "activate")  # lands mid-export
+            return super().history(state_id, transition)
+
+    store = app.extensions["statemanager"].store = Racing()
+    with app.app_context():
+        StateManager().register_state("u1", "user", {"data": {}})
+    exported = ok(app, "export")
+    line = json.loads(exported.stdout)
+    assert line["state"]["version"] == 1
+    assert [c["version"] for c in line["history"]] == [1]
+    assert store.raced and len(store.history("u1")) == 2
+    target = _app(tmp_path, "target", STATEMANAGER_STORE="memory")
+    imported = ok(target, "import", input=exported.stdout)
+    assert checksum(imported.stdout, "Checksum of the store") == checksum(exported.stderr)
