@@ -101,13 +101,13 @@ def _clear_errors() -> Iterator[None]:
 
 
 def _known_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Option callback: *value* must name a registered state type."""
-    if value is not None:
-        try:
-            _manager().get_type(value)
-        except StateManagerError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-    return value
+    """Option callback: *value* must name a registered state type; returns its name."""
+    if value is None:
+        return None
+    try:
+        return _manager().get_type(value).name
+    except StateManagerError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 def _parse_filters(

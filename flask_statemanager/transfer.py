@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any
 
 import orjson
@@ -143,9 +144,6 @@ def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
         raise ValueError(f"state version must be a positive integer, got {version!r}.")
     if "etag" in doc and doc["etag"] != str(version):
         raise ValueError(f"state etag {doc['etag']!r} is not its version {version}.")
-    created, updated = parse_time(doc["created_at"]), parse_time(doc["updated_at"])
-    if created is None or updated is None:
-        raise ValueError("state created_at and updated_at are required timestamps.")
     return State.from_columns(
         state_id,
         doc["name"],
@@ -154,9 +152,9 @@ def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
         doc["data"],
         doc["metadata"],
         version,
-        created,
-        updated,
-        parse_time(doc["expires_at"]),
+        _time(doc["created_at"], "state created_at"),
+        _time(doc["updated_at"], "state updated_at"),
+        _time(doc["expires_at"], "state expires_at", optional=True),
     )
 
 
@@ -181,10 +179,23 @@ def _change(doc: Any, number: int) -> Change:
         problem = "old_data and new_data must be objects or null"
     if problem is not None:
         raise ValueError(f"history entry {number}: {problem}.")
-    created = parse_time(doc["created_at"])
-    if created is None:
-        raise ValueError(f"history entry {number} has no created_at.")
-    return Change(doc, created_at=created)
+    return Change(doc, created_at=_time(doc["created_at"], f"history entry {number} created_at"))
+
+
+def _time(value: Any, field: str, *, optional: bool = False) -> Any:
+    """An ISO-8601 timestamp with a time zone (``Z`` or an offset) as an aware UTC datetime."""
+    if value is None and optional:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise ValueError(
+            f"{field} must be an ISO-8601 timestamp with a time zone, like "
+            f"'2024-05-01T12:00:00.000000Z', got {value!r}."
+        )
+    return parse_time(value)
 
 
 def export_states(

@@ -415,13 +415,19 @@ def _line(app: Flask) -> dict[str, Any]:
         ),
         (
             lambda d: json.dumps({**d, "state": {**d["state"], "created_at": "yesterday"}}),
-            "Line 2: Invalid isoformat string",
+            "Line 2: state created_at must be an ISO-8601 timestamp with a time zone",
         ),
         (
             lambda d: json.dumps(
                 {**d, "state": {k: v for k, v in d["state"].items() if k != "data"}}
             ),
             "the state lacks data",
+        ),
+        (
+            lambda d: json.dumps(
+                {**d, "history": [{**d["history"][0], "created_at": "2024-05-01T12:00:00"}]}
+            ),
+            "history entry 1 created_at must be an ISO-8601 timestamp with a time zone",
         ),
         (
             lambda d: json.dumps({**d, "history": [{**d["history"][0], "actor": 5}]}),
