@@ -42,15 +42,19 @@ from .stores.base import Store, check_restore
 BATCH_SIZE = 500
 
 
-class TransferError(StateManagerError):
-    """An import file is malformed, or names states the store already holds.
+class TransferError(StateValidationError):
+    """An import file is malformed, names states the store already holds, or a
+    state of it was refused by the store.
 
-    :param line: the 1-based line number at fault, if one is.
+    :param line: the 1-based line number at fault, if one is (also :attr:`line`).
     """
 
     def __init__(self, message: str, *, line: int | None = None) -> None:
         self.line = line
-        super().__init__(f"Line {line}: {message}" if line is not None else message)
+        where = "file" if line is None else f"line {line}"
+        super().__init__(
+            f"Line {line}: {message}" if line is not None else message, {where: [message]}
+        )
 
 
 class Checksum:
