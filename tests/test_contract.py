@@ -1082,6 +1082,15 @@ class StoreContract:
         again = sm.register_state("u1", "user", user(status="b"))
         assert again["version"] == 3
 
+    def test_restored_ttl_is_swept(self, sm: StateManager) -> None:
+        sm.register_state("s1", "session", {"data": {}}, ttl=0.1)
+        state, history = self._snapshot(sm, "s1")
+        sm.store.reset()
+        sm.store.restore(state, history)
+        time.sleep(0.2)
+        assert sm.sweep_expired() == 1
+        assert [c["transition"] for c in sm.get_state_history("s1")] == ["create", "expire"]
+
     def test_scan_lists_every_stored_record(self, sm: StateManager) -> None:
         for n in range(7):
             sm.register_state(f"u{n}", "user", user(n=n))
