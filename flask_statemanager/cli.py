@@ -66,6 +66,8 @@ def history(state_id: str) -> None:
         changes = _manager().get_state_history(state_id)
     except StateManagerError as exc:
         raise click.ClickException(str(exc)) from exc
+    if not changes:
+        raise click.ClickException(f"No history for state {state_id!r}: it was never registered.")
     for change in changes:
         click.echo(codec.dumps_str(change.to_json()))
 

@@ -194,6 +194,18 @@ def test_search_bad_arguments(sqlite_app: Flask) -> None:
     assert "Missing argument 'TYPE'" in refused(sqlite_app, "search")
 
 
+def test_show_history_sweep_bad_arguments(sqlite_app: Flask) -> None:
+    seed(sqlite_app)
+    assert "No state 'nobody'" in refused(sqlite_app, "show", "nobody")
+    assert "No history for state 'nobody'" in refused(sqlite_app, "history", "nobody")
+    assert "Invalid state_id" in refused(sqlite_app, "history", "bad id")
+    assert "Missing argument 'STATE_ID'" in refused(sqlite_app, "history")
+    assert "is not in the range x>=1" in refused(sqlite_app, "sweep", "--limit", "0")
+    # A deleted state's history is still there.
+    deleted = ok(sqlite_app, "history", "user_03").stdout.splitlines()
+    assert [json.loads(line)["actor"] for line in deleted] == ["seed", "gdpr"]
+
+
 # -- transition -------------------------------------------------------------------------
 
 
