@@ -29,12 +29,14 @@ class StateNotFoundError(StateManagerError, LookupError):
 
 
 class StateExistsError(StateManagerError):
-    """``register_state`` was given an id that already holds a live state."""
+    """``register_state`` was given an id that already holds a live state (or a
+    restore an id the store already holds)."""
 
-    def __init__(self, state_id: str) -> None:
+    def __init__(self, state_id: str, message: str | None = None) -> None:
         self.state_id = state_id
         super().__init__(
-            f"State {state_id!r} already exists; use update_state() to change it, "
+            message
+            or f"State {state_id!r} already exists; use update_state() to change it, "
             "or delete_state() first to register it anew."
         )
 

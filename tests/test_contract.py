@@ -20,7 +20,9 @@ import pytest
 from flask import Flask
 
 from flask_statemanager import (
+    Change,
     InvalidTransitionError,
+    State,
     StateConflictError,
     StateExistsError,
     StateLimitError,
@@ -31,6 +33,7 @@ from flask_statemanager import (
     StateValidationError,
     signals,
 )
+from flask_statemanager.audit import chain_hash
 
 from .conftest import make_app
 
@@ -1025,6 +1028,147 @@ class StoreContract:
         assert state["expires_at"] - state["updated_at"] == timedelta(seconds=3600)
         kept = sm.update_state("s1", {"data": {"x": 2}})
         assert kept["expires_at"] == state["expires_at"]
+
+    # -- restore and scan (flask states export / import) -------------------------------------
+
+    def _snapshot(self, sm: StateManager, state_id: str) -> tuple[State, list[Change]]:
+        state = sm.store.get(state_id)
+        assert state is not None
+        return state, sm.store.history(state_id)
+
+    def test_restore_writes_state_and_history_as_given(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(status="active", age=30), ttl=3600, actor="ann")
+        sm.transition("u1", "activate", actor="bob")
+        sm.update_state("u1", {"data": {"status": "gone", "age": 31}})
+        state, history = self._snapshot(sm, "u1")
+        # A key a later version may add is kept too, where the store can keep it.
+        history[1]["x_future"] = "abc123"
+        sm.store.reset()
+        if sm.store.kind == "sql":
+            with pytest.raises(StateValidationError, match="no column for 'x_future'"):
+                sm.store.restore(state, history)
+            assert sm.store.get("u1") is None and sm.store.history("u1") == []
+            del history[1]["x_future"]
+        sm.store.restore(state, history)
+        assert sm.store.get("u1") == state
+        assert sm.store.history("u1") == history
+        assert [c["change_id"] for c in sm.get_recent_changes("u1", limit=5)] == [
+            c["change_id"] for c in reversed(history)
+        ]
+        # The restored state is indexed and goes on from its version.
+        assert [s["state_id"] for s in sm.search_states("user", {"data.status": "gone"})] == ["u1"]
+        assert sm.get_state("u1") == state
+        moved = sm.transition("u1", "suspend")
+        assert moved["version"] == 4
+        assert [c["version"] for c in sm.get_state_history("u1")] == [1, 2, 3, 4]
+
+    def test_restore_keeps_microsecond_timestamps(self, sm: StateManager) -> None:
+        when = datetime(2021, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+        state = State.from_columns(
+            "u9", "nine", "user", "active", {"status": "x"}, {"version": "1.0"}, 1,
+            when, when, datetime(2999, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        )  # fmt: skip
+        change = Change(
+            change_id="c-9", state_id="u9", version=1, transition="create", old_data=None,
+            new_data={"status": "x"}, actor=None, metadata={"to_status": "active"},
+            created_at=when,
+        )  # fmt: skip
+        change["hash"] = chain_hash(None, change)
+        sm.store.restore(state, [change])
+        assert list(sm.verify_history("u9")) == ["u9"]
+        assert sm.store.get("u9") == state
+        assert sm.store.history("u9") == [change]
+
+    def test_restore_refuses_a_stored_id_unless_replacing(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(status="old"))
+        sm.register_state("u2", "user", user(status="new"))
+        sm.transition("u2", "activate")
+        assert sm.get_state("u1") is not None  # a cache in front now holds u1
+        before = self._snapshot(sm, "u1")
+        new_state, new_history = self._snapshot(sm, "u2")
+        new_state = State(new_state, state_id="u1")
+        new_history = [Change(c, state_id="u1") for c in new_history]
+        with pytest.raises(StateExistsError, match="replace"):
+            sm.store.restore(new_state, new_history)
+        assert self._snapshot(sm, "u1") == before
+        sm.store.restore(new_state, new_history, replace=True)
+        assert sm.get_state("u1") == new_state
+        assert sm.get_state_history("u1") == new_history
+        assert sm.search_states("user", {"data.status": "old"}).total == 0
+        found = sm.search_states("user", {"data.status": "new"})
+        assert sorted(s["state_id"] for s in found) == ["u1", "u2"]
+        # Replacing with a lower version (a restore may go back in time).
+        old_state, old_history = before
+        sm.store.restore(old_state, old_history, replace=True)
+        assert sm.get_state("u1") == old_state
+        assert sm.get_state_history("u1") == old_history
+
+    def test_restore_refuses_a_history_that_does_not_fit(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(status="a"))
+        sm.update_state("u1", {"data": {"status": "b"}})
+        state, history = self._snapshot(sm, "u1")
+        sm.store.reset()
+        cases = [
+            (history[:1], "last history entry is version 1"),
+            ([history[1], history[0]], "not above the previous one"),
+            ([history[0], Change(history[1], state_id="u2")], "belongs to state 'u2'"),
+            ([history[0], Change(history[1], change_id=history[0]["change_id"])], "repeats"),
+        ]
+        for changes, message in cases:
+            with pytest.raises(StateValidationError, match=message):
+                sm.store.restore(state, changes)
+            assert sm.store.get("u1") is None and sm.store.history("u1") == []
+
+    def test_restore_a_tombstone(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user(status="a"))
+        sm.delete_state("u1")
+        state, history = self._snapshot(sm, "u1")
+        sm.store.reset()
+        sm.store.restore(state, history)
+        assert sm.get_state("u1") is None
+        assert sm.store.get("u1") == state
+        assert sm.store.count() == 0
+        assert sm.search_states("user").total == 0
+        again = sm.register_state("u1", "user", user(status="b"))
+        assert again["version"] == 3
+
+    def test_restored_ttl_is_swept(self, sm: StateManager) -> None:
+        sm.register_state("s1", "session", {"data": {}}, ttl=0.1)
+        state, history = self._snapshot(sm, "s1")
+        sm.store.reset()
+        sm.store.restore(state, history)
+        time.sleep(0.2)
+        assert sm.sweep_expired() == 1
+        assert [c["transition"] for c in sm.get_state_history("s1")] == ["create", "expire"]
+
+    def test_scan_lists_every_stored_record(self, sm: StateManager) -> None:
+        for n in range(7):
+            sm.register_state(f"u{n}", "user", user(n=n))
+        sm.register_state("s1", "session", {"data": {}})
+        sm.delete_state("u3")
+        batches = list(sm.store.scan(batch_size=3))
+        assert all(1 <= len(b) <= 3 for b in batches)
+        records = {s["state_id"]: s for b in batches for s in b}
+        assert sorted(records) == ["s1", *(f"u{n}" for n in range(7))]
+        assert len(records) == sum(len(b) for b in batches)  # each once
+        assert records["u3"]["status"] == "deleted" and records["u5"] == sm.get_state("u5")
+        users = [s["state_id"] for b in sm.store.scan("user", batch_size=2) for s in b]
+        assert sorted(users) == [f"u{n}" for n in range(7)]
+        assert list(sm.store.scan("cart")) == []
+
+    def test_tally_counts_states_by_type_and_status_and_history(self, sm: StateManager) -> None:
+        sm.register_state("u1", "user", user())
+        sm.register_state("u2", "user", user())
+        sm.transition("u2", "activate")
+        sm.register_state("u3", "user", user())
+        sm.delete_state("u3")
+        sm.register_state("s1", "session", {"data": {}})
+        tally = sm.store.tally()
+        assert tally.states == {
+            "user": {"pending": 1, "active": 1, "deleted": 1},
+            "session": {"pending": 1},
+        }
+        assert tally.history == 6
 
     # -- health, metrics ------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from redis.crc import key_slot
 from flask_statemanager import BackendUnavailableError, StateManager
 from flask_statemanager.audit import seal
 from flask_statemanager.query import COLUMNS, matches, parse_conditions
-from flask_statemanager.records import State
+from flask_statemanager.records import Change, State
 from flask_statemanager.stores.base import Write
 from flask_statemanager.stores.redis import RedisStore
 
@@ -146,6 +146,53 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
     assert doc is not None
     stamps = [v for k, v in _loads(doc).items() if k.endswith("_at")]
     assert len(stamps) == 3 and all(len(s) == 27 and s.endswith("Z") for s in stamps)
+
+
+def test_restore_keeps_the_key_invariants(
+    sm: StateManager, store: RedisStore, client: redis.Redis
+) -> None:
+    sm.register_state("u1", "user", user(status="active"))
+    sm.register_state("s1", "session", {"data": {}}, ttl=3600)
+    sm.transition("s1", "activate")
+    sm.register_state("gone", "user", user(status="x"))
+    sm.delete_state("gone")
+    saved = {i: (store.get(i), store.history(i)) for i in ("u1", "s1", "gone")}
+    before = {k: client.dump(k) for k in client.scan_iter(match="statemanager:*")}
+    keys = set(before) - {b"statemanager:log"}
+    store.reset()
+    for state, history in saved.values():
+        assert state is not None
+        store.restore(state, history)
+    after = {k: client.dump(k) for k in client.scan_iter(match="statemanager:*")}
+    # The same keys with the same values: documents, histories, every index.
+    assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
+    assert client.pttl("statemanager:state:{gone}") > 0
+    assert client.pttl("statemanager:state:{s1}") == -1
+    assert client.lrange("statemanager:log", 0, -1) == [
+        b"u1 1", b"s1 1", b"s1 2", b"gone 1", b"gone 2"
+    ]  # fmt: skip
+    # Replacing a live state by a tombstone takes it out of every index.
+    gone_state, gone_history = saved["gone"]
+    assert gone_state is not None
+    tombstone = State(gone_state, state_id="u1")
+    store.restore(tombstone, [Change(c, state_id="u1") for c in gone_history], replace=True)
+    assert client.zrange("statemanager:type:user", 0, -1) == []
+    assert client.zrange("statemanager:index:user:data.status", 0, -1) == []
+    assert client.llen("statemanager:history:{u1}") == 2
+    assert client.pttl("statemanager:state:{u1}") > 0
+
+
+def test_restore_waits_for_a_writers_lock(
+    sm: StateManager, store: RedisStore, client: redis.Redis
+) -> None:
+    sm.register_state("u1", "user", user(n=1))
+    state, history = store.get("u1"), store.history("u1")
+    assert state is not None
+    client.set("statemanager:lock:{u1}", "a writer", px=200)
+    start = time.monotonic()
+    store.restore(state, history, replace=True)
+    assert time.monotonic() - start >= 0.15
+    assert store.history("u1") == history
 
 
 def _loads(raw: bytes) -> dict[str, Any]:

@@ -17,12 +17,13 @@ one makes the engine retry from a fresh read.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
 from ..definitions import TypeDefinition
+from ..errors import StateExistsError, StateValidationError
 from ..query import Query
 from ..records import Change, State
 
@@ -40,6 +41,20 @@ class Write:
     state: State
     expected_version: int
     change: Change
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a store holds: states by type and status, and history entries in all."""
+
+    #: ``{type: {status: count}}``, deleted and expired states included.
+    states: dict[str, dict[str, int]] = field(default_factory=dict)
+    history: int = 0
+
+    def add(self, type_name: str, status: str, count: int = 1) -> None:
+        """Count *count* states of *type_name* in *status*."""
+        by_status = self.states.setdefault(type_name, {})
+        by_status[status] = by_status.get(status, 0) + count
 
 
 #: Given the stored rows (``None`` for absent ids) and each state's newest
@@ -104,6 +119,31 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
+        """Every stored record, deleted and expired ones included, in batches (export).
+
+        Optionally only those of *state_type*. SQL and memory stores yield them in
+        ``state_id`` order; the Redis store in no particular order (it walks its
+        keys with ``SCAN``). A write during the scan may or may not be seen.
+        """
+
+    @abstractmethod
+    def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
+        """Write *state* and its history *changes* exactly as given: a restore, not a change.
+
+        Versions, change ids, timestamps, actors, metadata and any further key
+        a change carries are stored as they are; no history entry is added and
+        no signal sent. The state and its history are written together or not
+        at all. With *replace*, whatever the store holds for the id (record,
+        history, index entries) is replaced in the same step.
+
+        :raises StateExistsError: the store already holds the id (a record or
+            history) and *replace* is false; nothing was written.
+        :raises StateValidationError: the history does not fit the state (see
+            :func:`check_restore`); nothing was written.
+        """
+
+    @abstractmethod
     def query(self, query: Query) -> tuple[list[State], int]:
         """One page of live states (not deleted nor expired) matching *query*, and the total."""
 
@@ -153,6 +193,17 @@ class Store(ABC):
     def reset(self) -> None:
         """Delete every state and history entry (tests and demos)."""
 
+    def tally(self) -> Tally:
+        """States by type and status (tombstones included) and history entries, for
+        ``flask states stats``. This default walks :meth:`scan`; stores override it
+        with their own aggregates."""
+        tally = Tally()
+        for batch in self.scan():
+            for state in batch:
+                tally.add(state["type"], state["status"])
+                tally.history += len(self.history(state["state_id"]))
+        return tally
+
     def components(self) -> dict[str, dict[str, Any]]:
         """Health of the parts besides the primary store (a cache), by name; never raises.
 
@@ -172,3 +223,48 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections the store owns."""
+
+
+def check_restore(state: State, changes: Sequence[Change]) -> None:
+    """Refuse a history that cannot belong to *state*.
+
+    Every change must name the state, versions must grow strictly and the
+    last one be the state's version, and change ids must be distinct.
+
+    :raises StateValidationError: saying which change is wrong.
+    """
+    state_id = state["state_id"]
+    previous = 0
+    seen: set[Any] = set()
+    for n, change in enumerate(changes, 1):
+        problem = None
+        version: Any = change.get("version")
+        if change.get("state_id") != state_id:
+            problem = f"belongs to state {change.get('state_id')!r}"
+        elif type(version) is not int or version <= previous:
+            problem = f"has version {version!r}, not above the previous one ({previous})"
+        elif change.get("change_id") in seen:
+            problem = f"repeats change_id {change.get('change_id')!r}"
+        if problem is not None:
+            raise StateValidationError(
+                f"State {state_id!r}: history entry {n} {problem}; a history lists the "
+                "state's own changes, oldest first.",
+                {"history": [problem]},
+            )
+        seen.add(change.get("change_id"))
+        previous = version
+    if changes and previous != state["version"]:
+        raise StateValidationError(
+            f"State {state_id!r} is at version {state['version']} but its last history "
+            f"entry is version {previous}; export the state and its history together.",
+            {"history": ["The last entry must carry the state's version."]},
+        )
+
+
+def restore_refused(state_id: str) -> StateExistsError:
+    """The error of a restore without *replace* onto an id the store holds."""
+    return StateExistsError(
+        state_id,
+        f"State {state_id!r} is already stored; restore it with replace=True "
+        "(flask states import --replace) to overwrite it and its history.",
+    )

@@ -120,7 +120,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -133,7 +133,7 @@ from ..definitions import TypeDefinition
 from ..errors import BackendUnavailableError, StateManagerError
 from ..query import Query
 from ..records import Change, State, isoformat, utcnow
-from .base import Plan, Store, VersionMismatch, Write
+from .base import Plan, Store, Tally, VersionMismatch, Write
 
 logger = logging.getLogger("flask_statemanager")
 
@@ -691,6 +691,18 @@ class CachedStore(Store):
             self._write_through(writes)
         return writes
 
+    def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
+        """Restore in the store, then drop the state's cache entry (whatever happened).
+
+        A restore may lower a state's version (``replace``), which a
+        write-through would never store, so the entry is deleted instead; a
+        fill that read the store before the restore loses its lease with it.
+        """
+        try:
+            self.inner.restore(state, changes, replace=replace)
+        finally:
+            self._invalidate([state["state_id"]])
+
     # -- the rest is the store's ----------------------------------------------------------
 
     def setup(self, types: Iterable[TypeDefinition]) -> None:
@@ -698,6 +710,9 @@ class CachedStore(Store):
 
     def query(self, query: Query) -> tuple[list[State], int]:
         return self.inner.query(query)
+
+    def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
+        return self.inner.scan(state_type, batch_size)
 
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         return self.inner.history(state_id, transition)
@@ -720,6 +735,9 @@ class CachedStore(Store):
 
     def estimate_count(self) -> tuple[int, bool]:
         return self.inner.estimate_count()
+
+    def tally(self) -> Tally:
+        return self.inner.tally()
 
     def check(self) -> dict[str, Any]:
         return self.inner.check()

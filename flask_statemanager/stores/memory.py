@@ -9,7 +9,7 @@ and out, so callers never share mutable state with the store.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ from .. import codec
 from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..query import Query, matches
 from ..records import Change, State
-from .base import Plan, Store, VersionMismatch, Write
+from .base import Plan, Store, VersionMismatch, Write, check_restore, restore_refused
 
 
 def _copy_state(state: State) -> State:
@@ -83,6 +83,30 @@ class MemoryStore(Store):
                 self._history.setdefault(state_id, []).append(change)
                 self._log.append(change)
             return writes
+
+    def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
+        with self._lock:
+            ids = sorted(
+                i for i, s in self._states.items() if state_type is None or s["type"] == state_type
+            )
+        for start in range(0, len(ids), batch_size):
+            batch = self.get_many(ids[start : start + batch_size])
+            # A state deleted from the dictionaries meanwhile (reset) is left out.
+            yield [batch[i] for i in ids[start : start + batch_size] if i in batch]
+
+    def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
+        check_restore(state, changes)
+        state_id = state["state_id"]
+        new_state = _copy_state(state)
+        new_history = [_copy_change(c) for c in changes]
+        with self._lock:
+            if not replace and (state_id in self._states or self._history.get(state_id)):
+                raise restore_refused(state_id)
+            if state_id in self._history:
+                self._log = [c for c in self._log if c["state_id"] != state_id]
+            self._states[state_id] = new_state
+            self._history[state_id] = new_history
+            self._log.extend(new_history)
 
     def query(self, query: Query) -> tuple[list[State], int]:
         with self._lock:

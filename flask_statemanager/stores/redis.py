@@ -124,10 +124,10 @@ import redis
 
 from .. import codec
 from ..definitions import DELETED, EXPIRED, TypeDefinition
-from ..errors import BackendUnavailableError, ConfigurationError
+from ..errors import BackendUnavailableError, ConfigurationError, StateValidationError
 from ..query import Query
 from ..records import Change, State
-from .base import Plan, Store, VersionMismatch, Write
+from .base import Plan, Store, Tally, VersionMismatch, Write, check_restore, restore_refused
 
 _SCRIPTS = (
     "backfill",
@@ -137,6 +137,7 @@ _SCRIPTS = (
     "expired",
     "lock_read",
     "recent",
+    "restore",
     "search",
     "unlock",
 )
@@ -404,6 +405,38 @@ class RedisStore(Store):
         )
         return [_state(raw) for raw in reply[1:] if raw is not None], int(reply[0])
 
+    def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
+        """Every stored document in id order, walking ``<prefix>:ids`` (no ``SCAN``).
+        Tombstones Redis already dropped are not seen; their history stays."""
+        after: str | None = None
+        while True:
+            ids = self.state_ids(after, batch_size)
+            if not ids:
+                return
+            with self._redis():
+                raws = self.client.mget([self.state_key(i) for i in ids])
+            batch = [
+                state
+                for state in (_state(raw) for raw in raws if raw is not None)
+                if state_type is None or state["type"] == state_type
+            ]
+            if batch:
+                yield batch
+            after = ids[-1]
+
+    def tally(self) -> Tally:
+        """Walks the documents (:meth:`scan`) and their histories' lengths, a batch per
+        round trip; histories of tombstones Redis dropped are not counted."""
+        tally = Tally()
+        for batch in self.scan():
+            with self._redis():
+                pipe = self.client.pipeline(transaction=False)
+                for state in batch:
+                    tally.add(state["type"], state["status"])
+                    pipe.llen(self.history_key(state["state_id"]))
+                tally.history += sum(pipe.execute())
+        return tally
+
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         with self._redis():
             raws = self.client.lrange(self.history_key(state_id), 0, -1)
@@ -488,6 +521,69 @@ class RedisStore(Store):
         except _Stale:
             return None
         return writes
+
+    def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
+        """Restore in one script (``redis_scripts/restore.lua``), keeping the invariants.
+
+        The history must be versions 1 to n with the state at version n, since
+        this store's version *is* its history's length.
+        """
+        check_restore(state, changes)
+        state_id = state["state_id"]
+        if [c["version"] for c in changes] != list(range(1, state["version"] + 1)):
+            raise StateValidationError(
+                f"State {state_id!r} is at version {state['version']} with "
+                f"{len(changes)} history entries; the Redis store needs the whole history "
+                "(versions 1 to the state's version), so it cannot restore a pruned one.",
+                {"history": ["Versions 1 to the state's version, each once."]},
+            )
+        documents = [_document(state), *(_document(c) for c in changes)]
+        tombstone_ms = self._tombstone_ms if state["status"] in _TOMBSTONES else 0
+        entries = [f"{state_id} {c['version']}" for c in changes]
+        deadline = time.monotonic() + self._lock_wait
+        while True:
+            with self._redis():
+                pipe = self.client.pipeline(transaction=False)
+                pipe.get(self.state_key(state_id))
+                pipe.llen(self.history_key(state_id))
+                raw, length = pipe.execute()
+            if not replace and (raw is not None or length > 0):
+                raise restore_refused(state_id)
+            keys = _Keys()
+            for name in (
+                self.state_key(state_id),
+                self.history_key(state_id),
+                self.lock_key(state_id),
+                self._definitions_key,
+                self._log_key,
+            ):
+                keys.add(name)
+            current = None if raw is None else _state(raw)
+            checks, operations = self._index_operations(
+                {state_id: current}, {state_id: state}, keys
+            )
+            operations += ["zadd", keys.add(self._ids_key), 0, state_id]
+            control = codec.dumps(
+                [length, replace, tombstone_ms, _LOG_LENGTH, checks, operations, entries]
+            )
+            try:
+                reply = self._run("restore", keys.names, [control, *documents])
+            finally:
+                self._records.forget((state_id,))
+            if reply == 1:
+                return
+            if reply == 0:
+                raise restore_refused(state_id)
+            if reply == -1:
+                self._definitions = None  # a field was declared meanwhile: plan again
+            if time.monotonic() >= deadline:
+                raise BackendUnavailableError(
+                    f"State {state_id!r} kept changing or stayed locked by writers for "
+                    f"{self._lock_wait:g} s during its restore; retry later.",
+                    backend="redis",
+                )
+            if reply == -3:
+                time.sleep(0.002 * (0.5 + random.random()))
 
     def _lock_and_read(
         self, ids: Sequence[str], token: str

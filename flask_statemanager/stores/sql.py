@@ -29,10 +29,10 @@ from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..definitions import DELETED, EXPIRED, TypeDefinition
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, StateValidationError
 from ..query import Condition, Query
 from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
-from .base import Plan, Store, VersionMismatch, Write
+from .base import Plan, Store, Tally, VersionMismatch, Write, check_restore, restore_refused
 from .sql_json import column_name, compare, json_dialect
 from .sql_statements import Statements
 from .sql_tables import index_name, make_tables
@@ -222,6 +222,24 @@ class SQLStore(Store):
             return column.contains(c.value, autoescape=True)
         return compare(column, c.op, c.value)
 
+    def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
+        s = self.states
+        after: str | None = None
+        while True:
+            # Keyset paging on the primary key: each batch is one indexed range read.
+            stmt = sa.select(*self._state_columns)
+            if state_type is not None:
+                stmt = stmt.where(s.c.type == state_type)
+            if after is not None:
+                stmt = stmt.where(s.c.state_id > after)
+            with self._connect() as conn:
+                rows = conn.execute(stmt.order_by(s.c.state_id).limit(batch_size)).all()
+            if rows:
+                yield [_state(r) for r in rows]
+            if len(rows) < batch_size:
+                return
+            after = rows[-1][0]
+
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         h = self.history_table
         stmt = sa.select(*self._change_columns).where(h.c.state_id == state_id)
@@ -317,6 +335,18 @@ class SQLStore(Store):
                     return int(rows), False
         return self.count(), True
 
+    def tally(self) -> Tally:
+        s, h = self.states, self.history_table
+        by_status = sa.select(s.c.type, s.c.status, sa.func.count()).group_by(s.c.type, s.c.status)
+        tally = Tally()
+        with self._connect() as conn:
+            for type_name, status, count in conn.execute(by_status).all():
+                tally.add(type_name, status, int(count))
+            tally.history = int(
+                conn.execute(sa.select(sa.func.count()).select_from(h)).scalar_one()
+            )
+        return tally
+
     def check(self) -> dict[str, Any]:
         with self._connect() as conn:
             conn.execute(sa.text("SELECT 1"))
@@ -376,6 +406,42 @@ class SQLStore(Store):
             stale.wrote = wrote
             raise
         return writes
+
+    def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
+        check_restore(state, changes)
+        for change in changes:
+            extra = sorted(set(change) - set(CHANGE_KEYS))
+            if extra:
+                raise StateValidationError(
+                    f"State {state['state_id']!r}: the history table has no column for "
+                    f"{', '.join(map(repr, extra))}; upgrade the database (flask states "
+                    "upgrade-db) or leave the key out.",
+                    {"history": [f"Unknown key {k!r}." for k in extra]},
+                )
+        sql = self._sql
+        key = {"state_id": state["state_id"]}
+        with self._raw() as raw:
+            try:
+                with self._pipeline(raw) as flush:
+                    raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
+                    if replace:
+                        raw.execute(sql.delete_history, key)
+                        raw.execute(sql.delete_state, key)
+                    elif raw.execute(sql.stored, key).fetchall():
+                        raise restore_refused(state["state_id"])
+                    raw.execute(sql.insert_state, sql.state_params(state))
+                    for change in changes:
+                        raw.execute(sql.insert_change, sql.change_params(change))
+                    flush()
+                raw.execute("COMMIT")
+            except self._dbapi_errors.IntegrityError as exc:
+                # Another writer stored the id between the check and the insert.
+                raw.execute("ROLLBACK")
+                raise restore_refused(state["state_id"]) from exc
+            except BaseException:
+                if raw.info.transaction_status if sql.postgres else raw.in_transaction:
+                    raw.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _pipeline(self, raw: Any) -> Iterator[Callable[[], None]]:

@@ -76,6 +76,13 @@ class Statements:
             f"INSERT INTO {h} ({', '.join(_CHANGE_COLUMNS)}) "
             f"VALUES ({', '.join(param(c) for c in _CHANGE_COLUMNS)})"
         )
+        # Restores (flask states import): whether an id is stored, and dropping it.
+        self.stored = (
+            f"SELECT 1 FROM {s} WHERE state_id = {param('state_id')} "
+            f"UNION ALL SELECT 1 FROM {h} WHERE state_id = {param('state_id')} LIMIT 1"
+        )
+        self.delete_state = f"DELETE FROM {s} WHERE state_id = {param('state_id')}"
+        self.delete_history = f"DELETE FROM {h} WHERE state_id = {param('state_id')}"
         # PostgreSQL: the compare-and-set and the history append in one statement.
         # The history row is inserted only if the state row was written, so a
         # lost compare-and-set writes neither, and shows as a row count of 0.
@@ -133,7 +140,7 @@ class Statements:
             "actor": change["actor"],
             "metadata": codec.dumps_str(change["metadata"]),
             "created_at": self._time_out(change["created_at"]),
-            "hash": change["hash"],
+            "hash": change.get("hash"),
         }
 
     def write(self, write: Write) -> list[tuple[str, dict[str, Any], bool]]:
