@@ -206,11 +206,14 @@ def commit(
     committed: list[tuple[Write, State | None]] = []
     outcomes: list[Outcome] = []
 
+    encryption = runtime.encryption
+
     def plan(rows: Mapping[str, State | None]) -> list[Write]:
         committed.clear()
         outcomes.clear()
         now = utcnow()
-        current = dict(rows)
+        # Decrypting is the first step after the store's read.
+        current = {i: None if r is None else encryption.open_state(r) for i, r in rows.items()}
         for op in operations:
             try:
                 writes = _plan_one(registry, runtime, op, current.get(op.state_id), now)
@@ -222,7 +225,9 @@ def commit(
             committed.extend(writes)
             current[op.state_id] = writes[-1][0].state
             outcomes.append(writes[-1][0].state)
-        return [w for w, _ in committed]
+        # Encrypting is the last step before the store writes; everything above
+        # (and signals and callbacks after the commit) works on plaintext.
+        return [encryption.seal_write(w) for w, _ in committed]
 
     for attempt in range(attempts):
         try:
@@ -407,8 +412,9 @@ def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
         row, now = rows[state_id], utcnow()
         if row is None or not needs_expiry(row, now):
             return []
+        row = runtime.encryption.open_state(row)
         committed.append((expiry_write(row, now), row))
-        return [committed[0][0]]
+        return [runtime.encryption.seal_write(committed[0][0])]
 
     try:
         runtime.store.apply([state_id], plan)

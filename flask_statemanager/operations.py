@@ -27,6 +27,7 @@ from .definitions import (
     normalize_transition,
     normalize_type,
 )
+from .encryption import check_encrypted_fields
 from .engine import (
     Operation,
     Outcome,
@@ -95,6 +96,7 @@ class StateOperations:
         schema: ValidatorLike | None = None,
         indexes: Sequence[str] = (),
         lifecycle: LifecycleTable | Lifecycle | None = None,
+        encrypted_fields: Sequence[str] = (),
     ) -> TypeDefinition:
         """Define (or redefine) a state type.
 
@@ -105,10 +107,16 @@ class StateOperations:
             becomes a composite expression index ``(type, field, state_id)``.
         :param lifecycle: ``{transition: (from statuses, to status)}`` replacing the
             default table; ``None`` as *from* marks creation, ``"*"`` any status.
+        :param encrypted_fields: dotted fields (``"data.ssn"``) stored encrypted
+            with ``STATEMANAGER_ENCRYPTION_KEYS`` (see :doc:`/encryption`); they
+            cannot be indexed nor filtered on.
+        :raises ConfigurationError: a field path is malformed, or an index
+            covers an encrypted field.
         """
         type_name = normalize_type(name)
         for field in indexes:
             check_field_path(field)
+        secret = check_encrypted_fields(encrypted_fields, indexes)
         if isinstance(lifecycle, Mapping):
             lifecycle = Lifecycle(lifecycle)
         definition = TypeDefinition(
@@ -117,6 +125,7 @@ class StateOperations:
             default_ttl=check_ttl(default_ttl),
             indexes=tuple(dict.fromkeys(indexes)),
             validator=None if schema is None else Validator(schema),
+            encrypted_fields=secret,
         )
         with self._registry.lock:
             self._registry.types[type_name] = definition
@@ -182,12 +191,12 @@ class StateOperations:
                 return None
             now = utcnow()
             if is_live(row, now):
-                return row
+                return self._record(runtime, row)
             if needs_expiry(row, now) and runtime.settings.expire_on_read:
                 row = expire(self._registry, runtime, state_id) or runtime.store.get(state_id)
                 if row is None or row["status"] == DELETED:
                     return None
-            return row if include_expired else None
+            return self._record(runtime, row) if include_expired else None
 
     def bulk_get(self, state_ids: Sequence[str]) -> dict[str, State]:
         """Live states by id, fetched in one round trip; absent ids are left out."""
@@ -199,7 +208,7 @@ class StateOperations:
         with self._operation("bulk_get") as runtime:
             now = utcnow()
             rows = runtime.store.get_many(ids)
-            return {i: row for i, row in rows.items() if is_live(row, now)}
+            return {i: self._record(runtime, row) for i, row in rows.items() if is_live(row, now)}
 
     def search_states(
         self,
@@ -226,9 +235,10 @@ class StateOperations:
         order = parse_order(order_by)
         with self._operation("search_states") as runtime:
             check_paging(page, per_page, runtime.settings.max_per_page)
+            runtime.encryption.check_conditions(type_name, conditions)
             query = Query(type_name, conditions, order, (page - 1) * per_page, per_page, utcnow())
             items, total = runtime.store.query(query)
-            return Page(items, total, page, per_page)
+            return Page([self._record(runtime, r) for r in items], total, page, per_page)
 
     def get_states_by_type(
         self, state_type: TypeLike, *, page: int = 1, per_page: int = 50
@@ -240,7 +250,7 @@ class StateOperations:
         """Every change of a state, oldest first (kept after deletion)."""
         check_state_id(state_id)
         with self._operation("get_state_history", state_id) as runtime:
-            return runtime.store.history(state_id)
+            return self._changes(runtime, runtime.store.history(state_id))
 
     def get_recent_changes(self, state_id: str | None = None, limit: int = 10) -> list[Change]:
         """The newest changes, of one state or of all states, newest first."""
@@ -249,7 +259,7 @@ class StateOperations:
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise _Invalid("limit must be an integer from 1 to 10000.", {"limit": ["1 to 10000."]})
         with self._operation("get_recent_changes", state_id) as runtime:
-            return runtime.store.recent_changes(state_id, limit)
+            return self._changes(runtime, runtime.store.recent_changes(state_id, limit))
 
     def get_changes_by_transition(
         self, state_id: str, transition_type: TransitionLike
@@ -258,7 +268,15 @@ class StateOperations:
         check_state_id(state_id)
         transition = normalize_transition(transition_type, known=None)
         with self._operation("get_changes_by_transition", state_id) as runtime:
-            return runtime.store.history(state_id, transition)
+            return self._changes(runtime, runtime.store.history(state_id, transition))
+
+    def _record(self, runtime: Runtime, row: State) -> State:
+        """A stored row as callers see it: decrypted."""
+        return runtime.encryption.open_state(row)
+
+    def _changes(self, runtime: Runtime, changes: list[Change]) -> list[Change]:
+        """Stored history entries as callers see them: decrypted."""
+        return [runtime.encryption.open_change(c) for c in changes]
 
     # -- writes ---------------------------------------------------------------
 
@@ -389,7 +407,8 @@ class StateOperations:
 
         def build(current: State | None) -> Proposal:
             assert current is not None
-            entries = self._runtime().store.history(state_id)
+            runtime = self._runtime()
+            entries = self._changes(runtime, runtime.store.history(state_id))
             target = next((c for c in entries if c["version"] == to_version), None)
             if target is None or target["new_data"] is None:
                 raise _Invalid(
@@ -485,6 +504,43 @@ class StateOperations:
             raise _Invalid("limit must be a positive integer.", {"limit": ["A positive integer."]})
         with self._operation("sweep_expired") as runtime:
             return sweep(self._registry, runtime, limit)
+
+    def rotate_encryption_keys(
+        self, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int], dict[str, int]]:
+        """Re-encrypt every stored encrypted value with the first key (``states rotate-keys``).
+
+        Covers states (tombstones too) and history entries; values stored in
+        plaintext before their field was declared encrypted are encrypted.
+        Maintenance, not a change: no history entries, versions stay.
+
+        :returns: the units to look at, the iterator doing one batch per step
+            (yielding units done), and counters ``{"states", "changes"}`` of
+            documents rewritten, filled in as the iterator runs.
+        :raises ConfigurationError: no keys are configured.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise _Invalid("batch_size must be a positive integer.", {"batch_size": [">= 1."]})
+        runtime = self._runtime()
+        encryption = runtime.encryption
+        if encryption.cipher is None:
+            raise ConfigurationError(
+                "STATEMANAGER_ENCRYPTION_KEYS is not set: there is no key to re-encrypt with."
+            )
+        counts = {"states": 0, "changes": 0}
+
+        def state(row: State) -> State | None:
+            new = encryption.rotate_state(row)
+            counts["states"] += new is not None
+            return new
+
+        def change(entry: Change) -> Change | None:
+            new = encryption.rotate_change(entry)
+            counts["changes"] += new is not None
+            return new
+
+        total, batches = runtime.store.rewrite(state, change, batch_size=batch_size)
+        return total, batches, counts
 
     # -- operations and health ---------------------------------------------------
 
