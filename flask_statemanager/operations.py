@@ -46,6 +46,7 @@ from .errors import BackendUnavailableError, ConfigurationError, StateManagerErr
 from .errors import StateValidationError as _Invalid
 from .events import Callback
 from .metrics import log_state_operation
+from .migrations import MigrationRun, migrate_stored
 from .query import Page, Query, check_paging, parse_conditions, parse_order
 from .records import Change, State, isoformat, utcnow
 from .stores.base import Store
@@ -166,6 +167,61 @@ class StateOperations:
         with self._registry.lock:
             self._registry.validators.setdefault(type_name, []).append(Validator(validator, only))
 
+    def register_migration(
+        self,
+        state_type: TypeLike,
+        from_version: str,
+        to_version: str,
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> None:
+        """Upgrade the ``data`` of *state_type* records from one schema version to the next.
+
+        Records carry their schema version in ``metadata["version"]``. Reads
+        return them upgraded to the newest registered version, running every
+        migration on the way (``"1.0"`` → ``"1.1"`` → ``"2.0"``); the next
+        write stores them upgraded, and ``flask states migrate`` upgrades them
+        all. Versions compare as versions: ``"1.10"`` is above ``"1.9"``.
+        Registering again from the same *from_version* replaces that migration.
+
+        :param fn: takes a private copy of ``data`` and returns the new
+            ``data`` dict. It may run on every read until the record is
+            written upgraded, so it should be pure and quick.
+        :raises ConfigurationError: a version is not a version, *to_version* is
+            not above *from_version*, or *fn* is not callable.
+        """
+        type_name = normalize_type(state_type)
+        self._registry.type(type_name)
+        self._registry.migrations.register(type_name, from_version, to_version, fn)
+
+    def migrate_states(
+        self, state_type: TypeLike | None = None, *, batch_size: int = 500
+    ) -> MigrationRun:
+        """Upgrade every stored state of a type (or of every type with migrations).
+
+        Backs ``flask states migrate``: returns a :class:`~.migrations.MigrationRun`
+        whose ``batches`` iterator does the work one batch at a time. Each
+        upgrade is an ``update`` change with actor ``"migration"``; states
+        already at the newest version are skipped, so an interrupted run
+        continues when started again.
+
+        :raises ConfigurationError: *state_type* has no migrations.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise _Invalid("batch_size must be a positive integer.", {"batch_size": [">= 1."]})
+        migrations = self._registry.migrations
+        if state_type is None:
+            types = migrations.types()
+        else:
+            type_name = normalize_type(state_type)
+            self._registry.type(type_name)
+            if migrations.latest(type_name) is None:
+                raise ConfigurationError(
+                    f"Type {type_name!r} has no data migrations; register one with "
+                    f"register_migration({type_name!r}, from_version, to_version, fn)."
+                )
+            types = [type_name]
+        return migrate_stored(self._registry, self._runtime(), types, batch_size)
+
     def register_callback(self, event: str, fn: Callback) -> None:
         """Call ``fn(state_id, old_state, new_state, transition_type)`` after matching commits.
 
@@ -193,7 +249,11 @@ class StateOperations:
             if is_live(row, now):
                 return self._record(runtime, row)
             if needs_expiry(row, now) and runtime.settings.expire_on_read:
-                row = expire(self._registry, runtime, state_id) or runtime.store.get(state_id)
+                recorded = expire(self._registry, runtime, state_id)  # already decrypted
+                if recorded is not None:
+                    upgraded = self._registry.migrations.upgrade(recorded)[0]
+                    return upgraded if include_expired else None
+                row = runtime.store.get(state_id)
                 if row is None or row["status"] == DELETED:
                     return None
             return self._record(runtime, row) if include_expired else None
@@ -271,8 +331,8 @@ class StateOperations:
             return self._changes(runtime, runtime.store.history(state_id, transition))
 
     def _record(self, runtime: Runtime, row: State) -> State:
-        """A stored row as callers see it: decrypted."""
-        return runtime.encryption.open_state(row)
+        """A stored row as callers see it: decrypted, then upgraded to the newest schema."""
+        return self._registry.migrations.upgrade(runtime.encryption.open_state(row))[0]
 
     def _changes(self, runtime: Runtime, changes: list[Change]) -> list[Change]:
         """Stored history entries as callers see them: decrypted."""

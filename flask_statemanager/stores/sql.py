@@ -179,8 +179,9 @@ class SQLStore(Store):
         )
         with self._connect() as conn, self._custom_plans(conn):
             rows = conn.execute(page).all()
-            # A short first page is the whole result: skip the COUNT.
-            if query.offset == 0 and len(rows) < query.limit:
+            # A short first page is the whole result: skip the COUNT (and when
+            # the caller needs no total).
+            if not query.count or (query.offset == 0 and len(rows) < query.limit):
                 count = len(rows)
             else:
                 total = sa.select(sa.func.count()).select_from(states).where(*where)
