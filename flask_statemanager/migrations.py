@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import InvalidVersion, Version
 
 from .errors import ConfigurationError, MigrationError, StateConflictError, StateManagerError
-from .query import Query, parse_conditions, parse_order
+from .query import Query, parse_order
 from .records import State, utcnow
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ def migrate_stored(
 ) -> MigrationRun:
     """Upgrade every stored live state of *types* through the write pipeline.
 
-    States are read in ``state_id`` order, *batch_size* at a time; those below
+    States are read *batch_size* at a time (:meth:`.Store.scan`); those below
     the newest version are written back upgraded in one commit per batch, each
     as an ``update`` change with actor ``"migration"`` and a compare-and-set on
     the version read, so a user's concurrent write is never lost (that state
@@ -281,26 +281,21 @@ def migrate_stored(
 
     def batches() -> Iterator[int]:
         for type_name in types:
-            last: str | None = None
+            cursor: str | None = None
             while True:
-                conditions = parse_conditions({"state_id__gt": last}) if last else ()
-                query = Query(
-                    type_name,
-                    conditions,
-                    parse_order("state_id"),
-                    0,
-                    batch_size,
-                    utcnow(),
-                    count=False,
-                )
-                rows = [encryption.open_state(r) for r in store.query(query)[0]]
-                if not rows:
-                    break
+                found, cursor = store.scan(type_name, cursor, batch_size)
+                # A store may return a state twice (Redis's ZSCAN while its set
+                # grows): the second time it is already upgraded, so skipped.
+                rows = [
+                    encryption.open_state(r) for r in {r["state_id"]: r for r in found}.values()
+                ]
                 pending = [r for r in rows if registry.migrations.needs_upgrade(r)]
                 run.current += len(rows) - len(pending)
                 write(pending)
-                last = rows[-1]["state_id"]
-                yield len(rows)
+                if rows:
+                    yield len(rows)
+                if cursor is None:
+                    break
 
     run = MigrationRun(total, batches())
     return run

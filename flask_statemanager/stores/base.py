@@ -105,6 +105,25 @@ class Store(ABC):
     def query(self, query: Query) -> tuple[list[State], int]:
         """One page of live states (not deleted nor expired) matching *query*, and the total."""
 
+    def scan(
+        self, type_name: str, cursor: str | None, limit: int
+    ) -> tuple[list[State], str | None]:
+        """A batch of about *limit* live states of a type, and the cursor of the next batch.
+
+        Start with ``cursor=None``; a returned cursor of ``None`` means done.
+        Every state live during the whole scan is returned at least once (a
+        store may return one twice); states created meanwhile may be missed.
+        Used by maintenance (``flask states migrate``). This default pages
+        through :meth:`query` by ``state_id``, without counting.
+        """
+        from ..query import Condition, Order
+        from ..records import utcnow
+
+        conditions = () if cursor is None else (Condition("state_id", (), "gt", cursor),)
+        order = Order("state_id", (), False)
+        rows, _ = self.query(Query(type_name, conditions, order, 0, limit, utcnow(), count=False))
+        return rows, rows[-1]["state_id"] if len(rows) == limit else None
+
     @abstractmethod
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         """A state's history entries, oldest first, optionally of one transition."""

@@ -398,6 +398,24 @@ class RedisStore(Store):
         )
         return [_state(raw) for raw in reply[1:] if raw is not None], int(reply[0])
 
+    def scan(
+        self, type_name: str, cursor: str | None, limit: int
+    ) -> tuple[list[State], str | None]:
+        """``ZSCAN`` of the type's sorted set and one ``MGET``: never blocks Redis for long.
+
+        The cursor is Redis's; ``ZSCAN`` may return a member twice.
+        """
+        now = datetime.now(UTC)
+        with self._redis():
+            position, found = self.client.zscan(
+                self.type_key(type_name), int(cursor or 0), count=limit
+            )
+            ids = [_text(cast("bytes | str", member)) for member, _score in found]
+            raws = self.client.mget([self.state_key(i) for i in ids]) if ids else []
+        rows = [_state(raw) for raw in raws if raw is not None]
+        live = [r for r in rows if r["status"] not in _TOMBSTONES and not r.is_expired(now)]
+        return live, None if int(position) == 0 else str(position)
+
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         with self._redis():
             raws = self.client.lrange(self.history_key(state_id), 0, -1)
