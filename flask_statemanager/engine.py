@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import codec
 from .definitions import DELETED, EXPIRED, TypeDefinition, builtin_types
 from .errors import (
+    MigrationError,
     StateConflictError,
     StateExistsError,
     StateLimitError,
@@ -290,9 +291,14 @@ def _plan_one(
         writes.append((expiry_write(row, now), row))
         base = writes[-1][0].state
     # Plan from the record as reads return it: upgraded to the newest schema.
-    upgraded, migrated_from = (
-        registry.migrations.upgrade(live) if live is not None else (None, None)
-    )
+    try:
+        upgraded, migrated_from = (
+            registry.migrations.upgrade(live) if live is not None else (None, None)
+        )
+    except MigrationError:
+        if op.transition != "delete":
+            raise
+        upgraded, migrated_from = live, None  # a broken migration never blocks a delete
     proposal = op.build(upgraded)
     if migrated_from is not None:
         assert upgraded is not None

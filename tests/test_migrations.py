@@ -235,6 +235,9 @@ class MigrationContract:
         sm.register_state("c3", "customer", {**v1(3), "metadata": {"version": "1.0"}})
         with pytest.raises(MigrationError, match="returned NoneType, not the new data dict"):
             sm.get_state("c3")
+        sm.delete_state("c3")  # a broken migration never blocks a delete
+        assert sm.get_state("c3") is None
+        assert sm.get_state_history("c3")[-1]["old_data"] == v1(3)["data"]
 
     def test_migrations_bypass_a_lifecycle_without_update(
         self, sm: StateManager, app: Flask
