@@ -8,6 +8,7 @@ hold no plaintext of an encrypted field.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,22 @@ class EncryptionContract:
             sm.register_state("p1", "patient", patient(ssn=SSN))
             sm.update_state("p1", patient(ssn="1120-new"))
         assert sorted(seen) == sorted([SSN, SSN, "1120-new", "1120-new"])
+
+    def test_expiry_and_transactions_keep_fields_encrypted(
+        self, sm: StateManager, app: Flask
+    ) -> None:
+        sm.register_state("p1", "patient", patient(ssn=SSN), ttl=0.05)
+        with sm.transaction() as tx:
+            tx.register_state("p2", "patient", patient(ssn=SSN))
+            tx.patch_state("p2", {"card": {"number": CARD}})
+        time.sleep(0.1)
+        expired = sm.get_state("p1", include_expired=True)  # records the EXPIRE change
+        assert expired is not None and expired["status"] == "expired"
+        assert expired["data"]["ssn"] == SSN
+        assert sm.get_state_history("p1")[-1]["new_data"]["ssn"] == SSN
+        assert sm.get_state("p2")["data"]["card"]["number"] == CARD
+        stored = self.raw(app)
+        assert SSN not in stored and CARD not in stored
 
     def test_filtering_on_an_encrypted_field_is_refused(self, sm: StateManager) -> None:
         sm.register_state("p1", "patient", patient(ssn=SSN, card={"number": CARD}))
