@@ -7,6 +7,8 @@ the key, not later in a request.
 
 from __future__ import annotations
 
+import binascii
+from base64 import urlsafe_b64decode
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +95,12 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
     ("STATEMANAGER_CALLBACK_RETRIES", 2, "Extra attempts for a callback that raised."),
     ("STATEMANAGER_CALLBACK_WORKERS", 4, "Thread pool size when CALLBACK_MODE is 'thread'."),
     (
+        "STATEMANAGER_ENCRYPTION_KEYS",
+        None,
+        "Fernet keys for the types' encrypted_fields: a list, or one comma-separated string. "
+        "The first encrypts, every one decrypts; None means no encryption.",
+    ),
+    (
         "STATEMANAGER_WRITE_RETRIES",
         50,
         "Attempts of a last-write-wins write that keeps losing compare-and-set races.",
@@ -112,6 +120,41 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
 )
 
 DEFAULTS: dict[str, Any] = {key: default for key, default, _ in SETTINGS}
+
+
+def parse_keys(value: Any) -> tuple[bytes, ...]:
+    """The Fernet keys of ``STATEMANAGER_ENCRYPTION_KEYS``: a list or a comma-separated string.
+
+    :raises ConfigurationError: a key is not 32 url-safe base64-encoded bytes.
+    """
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str | bytes):
+        text = value.decode() if isinstance(value, bytes) else value
+        items: list[Any] = [k.strip() for k in text.split(",") if k.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ConfigurationError(
+            "STATEMANAGER_ENCRYPTION_KEYS must be a list of Fernet keys or a comma-separated "
+            f"string, got {type(value).__name__}."
+        )
+    keys: list[bytes] = []
+    for position, item in enumerate(items, 1):
+        key = item.encode() if isinstance(item, str) else item
+        try:
+            valid = isinstance(key, bytes) and len(urlsafe_b64decode(key)) == 32
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid:
+            raise ConfigurationError(
+                f"STATEMANAGER_ENCRYPTION_KEYS: key {position} is not a Fernet key (32 url-safe "
+                "base64-encoded bytes); make one with "
+                "`python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())'`."
+            )
+        keys.append(key)
+    return tuple(keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +182,8 @@ class Settings:
     sweep_interval: float | None
     health_url_prefix: str | None
     metrics_url: str | None
+    #: The Fernet keys of ``STATEMANAGER_ENCRYPTION_KEYS``, first one encrypting.
+    encryption_keys: tuple[bytes, ...] = ()
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -238,4 +283,5 @@ class Settings:
             sweep_interval=seconds("STATEMANAGER_SWEEP_INTERVAL", optional=True),
             health_url_prefix=url("STATEMANAGER_HEALTH_URL_PREFIX"),
             metrics_url=url("STATEMANAGER_METRICS_URL"),
+            encryption_keys=parse_keys(values["STATEMANAGER_ENCRYPTION_KEYS"]),
         )

@@ -107,7 +107,7 @@ def check_field_path(path: str) -> None:
     """Raise unless *path* is a plain dotted path into ``data`` or ``metadata``."""
     if not isinstance(path, str) or not _FIELD_RE.match(path):
         raise ConfigurationError(
-            f"Indexed field {path!r} must be a dotted path like 'data.status' "
+            f"Field {path!r} must be a dotted path like 'data.status' "
             "(letters, digits and underscores, at most 8 levels)."
         )
 
@@ -223,6 +223,7 @@ class TypeDefinition:
     :param lifecycle: its transitions and statuses.
     :param default_ttl: seconds a new state lives unless given a ``ttl``.
     :param indexes: dotted fields declared for search indexes.
+    :param encrypted_fields: dotted fields stored encrypted (:mod:`.encryption`).
     """
 
     name: str
@@ -232,6 +233,7 @@ class TypeDefinition:
     #: The type's own schema (a :class:`~.validation.Validator`), run before
     #: validators registered with ``register_validator``.
     validator: Any = None
+    encrypted_fields: tuple[str, ...] = ()
 
 
 def builtin_types() -> dict[str, TypeDefinition]:

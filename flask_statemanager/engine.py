@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from .audit import seal
 from .definitions import DELETED, EXPIRED, TypeDefinition, builtin_types
 from .errors import (
     InvalidTransitionError,
+    MigrationError,
     StateConflictError,
     StateExistsError,
     StateLimitError,
@@ -41,6 +42,7 @@ from .errors import (
     StateValidationError,
 )
 from .events import Callbacks, Committed, dispatch
+from .migrations import DEFAULT_VERSION, Migrations
 from .records import Change, State, utcnow
 from .stores.base import VersionMismatch, Write
 from .validation import Validator
@@ -61,6 +63,7 @@ class Registry:
     types: dict[str, TypeDefinition] = field(default_factory=builtin_types)
     validators: dict[str, list[Validator]] = field(default_factory=dict)
     callbacks: Callbacks = field(default_factory=Callbacks)
+    migrations: Migrations = field(default_factory=Migrations)
 
     def clear(self) -> None:
         with self.lock:
@@ -68,6 +71,7 @@ class Registry:
             self.types.update(builtin_types())
             self.validators.clear()
             self.callbacks.clear()
+            self.migrations.clear()
 
     def type(self, name: str) -> TypeDefinition:
         definition = self.types.get(name)
@@ -90,6 +94,9 @@ class Proposal:
     metadata: dict[str, Any] | None = None
     ttl: float | None = None
     note: dict[str, Any] | None = None
+    #: A maintenance write (a data migration): no lifecycle rule applies and
+    #: the status stays.
+    maintenance: bool = False
 
 
 #: Turns the current live record (``None`` for a new state) into a proposal.
@@ -209,12 +216,15 @@ def commit(
     outcomes: list[Outcome] = []
     rejected: list[tuple[str, StateManagerError]] = []  # (state type, error): metrics
 
+    encryption = runtime.encryption
+
     def plan(rows: Mapping[str, State | None], heads: Mapping[str, str | None]) -> list[Write]:
         committed.clear()
         outcomes.clear()
         rejected.clear()
         now = utcnow()
-        current = dict(rows)
+        # Decrypting is the first step after the store's read.
+        current = {i: None if r is None else encryption.open_state(r) for i, r in rows.items()}
         for op in operations:
             try:
                 writes = _plan_one(registry, runtime, op, current.get(op.state_id), now)
@@ -229,7 +239,9 @@ def commit(
             current[op.state_id] = writes[-1][0].state
             outcomes.append(writes[-1][0].state)
         seal([w.change for w, _ in committed], heads)
-        return [w for w, _ in committed]
+        # Encrypting is the last step before the store writes; everything above
+        # (and signals and callbacks after the commit) works on plaintext.
+        return [encryption.seal_write(w) for w, _ in committed]
 
     for attempt in range(attempts):
         try:
@@ -304,10 +316,27 @@ def _plan_one(
         # A new life over a state whose TTL passed unrecorded: record the expiry first.
         writes.append((expiry_write(row, now), row))
         base = writes[-1][0].state
+    # Plan from the record as reads return it: upgraded to the newest schema.
+    try:
+        upgraded, migrated_from = (
+            registry.migrations.upgrade(live) if live is not None else (None, None)
+        )
+    except MigrationError:
+        if op.transition != "delete":
+            raise
+        upgraded, migrated_from = live, None  # a broken migration never blocks a delete
+    proposal = op.build(upgraded)
+    if migrated_from is not None:
+        assert upgraded is not None
+        note = {"migrated_from": migrated_from, "migrated_to": upgraded["metadata"]["version"]}
+        proposal = replace(proposal, note={**(proposal.note or {}), **note})
     new_state, change = _prepare(
-        registry, runtime, state_id, op.create_type, live, base, op.build(live), op.actor, now
+        registry, runtime, state_id, op.create_type, upgraded, base, proposal, op.actor, now
     )
-    writes.append((Write(new_state, base["version"] if base else 0, change), live))
+    if migrated_from is not None:
+        assert live is not None
+        change = Change(change, old_data=live["data"])  # the history keeps what was stored
+    writes.append((Write(new_state, base["version"] if base else 0, change), upgraded))
     return writes
 
 
@@ -327,7 +356,10 @@ def _prepare(
     type_name = create_type if create_type is not None else live["type"]  # type: ignore[index]
     definition = registry.type(type_name)
     status = live["status"] if live is not None else None
-    rule = definition.lifecycle.rule(proposal.transition, status, type_name)
+    if proposal.maintenance:
+        target: str | None = None
+    else:
+        target = definition.lifecycle.rule(proposal.transition, status, type_name).target
 
     data = proposal.data if proposal.data is not None else (live["data"] if live else {})
     metadata = (
@@ -336,7 +368,12 @@ def _prepare(
     size = codec.check_document(data, "data", max_depth=settings.max_depth)
     size += codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
     if live is None:
-        metadata = {"version": "1.0", **metadata}
+        # New records are written in the type's newest data shape.
+        newest = registry.migrations.latest(type_name) or DEFAULT_VERSION
+        metadata = {"version": newest, **metadata}
+    elif "version" not in metadata and "version" in live["metadata"]:
+        # Replacing metadata does not reset the record's schema version.
+        metadata = {**metadata, "version": live["metadata"]["version"]}
     if size > settings.max_state_bytes:
         raise StateLimitError(
             f"State {state_id!r} would be {size} bytes, over the {settings.max_state_bytes}-byte "
@@ -357,7 +394,7 @@ def _prepare(
     else:
         expires_at = live["expires_at"] if live is not None else None
     version = (base["version"] if base is not None else 0) + 1
-    new_status = rule.target if rule.target is not None else status
+    new_status = target if target is not None else status
     assert new_status is not None  # Lifecycle makes "create" name its status
     state = State.from_columns(
         state_id=state_id,
@@ -435,9 +472,10 @@ def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
         row, now = rows[state_id], utcnow()
         if row is None or not needs_expiry(row, now):
             return []
+        row = runtime.encryption.open_state(row)
         committed.append((expiry_write(row, now), row))
         seal([committed[0][0].change], heads)
-        return [committed[0][0]]
+        return [runtime.encryption.seal_write(committed[0][0])]
 
     try:
         runtime.store.apply([state_id], plan)

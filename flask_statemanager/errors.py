@@ -110,10 +110,32 @@ class ConfigurationError(StateManagerError):
     """The extension is configured wrongly; the message names the setting to fix."""
 
 
+class MigrationError(StateManagerError):
+    """A registered data migration failed on a state (it raised, or returned no dict).
+
+    Raised where the state is read or written; nothing is written. The
+    message names the state and the versions of the failing migration.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        state_id: str,
+        from_version: str | None,
+        to_version: str | None,
+    ) -> None:
+        self.state_id = state_id
+        self.from_version = from_version
+        self.to_version = to_version
+        super().__init__(message)
+
+
 __all__ = [
     "BackendUnavailableError",
     "ConfigurationError",
     "InvalidTransitionError",
+    "MigrationError",
     "StateConflictError",
     "StateExistsError",
     "StateLimitError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from flask import current_app, has_app_context
 
 from .config import DEFAULTS, Settings
+from .definitions import TypeDefinition
+from .encryption import Cipher, Encryption
 from .engine import Registry, sweep
 from .errors import ConfigurationError
 from .events import make_executor
@@ -36,10 +39,19 @@ logger = logging.getLogger("flask_statemanager")
 class Runtime:
     """What one app (or the standalone manager) runs with."""
 
-    def __init__(self, app: Flask | None, settings: Settings, store: Store) -> None:
+    def __init__(
+        self,
+        app: Flask | None,
+        settings: Settings,
+        store: Store,
+        types: Mapping[str, TypeDefinition] | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.store = store
+        keys = settings.encryption_keys
+        #: The encrypted fields of the registry's types, with this app's keys.
+        self.encryption = Encryption(Cipher(keys) if keys else None, {} if types is None else types)
         self.metrics = Metrics()
         self.executor: ThreadPoolExecutor | None = (
             make_executor(settings.callback_workers) if settings.callback_mode == "thread" else None
@@ -179,11 +191,22 @@ class StateManager(StateOperations):
             if isinstance(previous, Runtime):
                 previous.close()
             store = create_store(app, settings, self._database_manager, self._redis_manager)
-            # Embedded stores get their tables here; server databases through
-            # `flask states init-db`, so no app start-up runs DDL on production.
-            if store.embedded:
-                store.setup(self._registry.types.values())
-            runtime = Runtime(app, settings, store)
+            try:
+                runtime = Runtime(app, settings, store, self._registry.types)
+            except BaseException:
+                store.close()
+                raise
+            try:
+                # A missing or wrong key fails here, not in the first request.
+                runtime.encryption.check_startup()
+                # Embedded stores get their tables here; server databases through
+                # `flask states init-db`, so no app start-up runs DDL on production.
+                if store.embedded:
+                    store.setup(self._registry.types.values())
+                runtime.encryption.check_stored(store)
+            except BaseException:
+                runtime.close()
+                raise
             runtime.start_sweeper(self._registry)
             app.extensions[EXTENSION_KEY] = runtime
             self._apps.add(app)
@@ -216,7 +239,7 @@ class StateManager(StateOperations):
                     )
                     if store.embedded:
                         store.setup(self._registry.types.values())
-                    self._standalone = Runtime(None, settings, store)
+                    self._standalone = Runtime(None, settings, store, self._registry.types)
                     self._standalone.start_sweeper(self._registry)
                 return self._standalone
         apps = list(self._apps)

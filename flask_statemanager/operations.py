@@ -28,6 +28,7 @@ from .definitions import (
     normalize_transition,
     normalize_type,
 )
+from .encryption import check_encrypted_fields
 from .engine import (
     Operation,
     Outcome,
@@ -46,6 +47,7 @@ from .errors import BackendUnavailableError, ConfigurationError, StateManagerErr
 from .errors import StateValidationError as _Invalid
 from .events import Callback
 from .metrics import log_state_operation
+from .migrations import MigrationRun, migrate_stored
 from .query import Page, Query, check_paging, parse_conditions, parse_order
 from .records import Change, State, isoformat, utcnow
 from .stores.base import Store
@@ -96,6 +98,7 @@ class StateOperations:
         schema: ValidatorLike | None = None,
         indexes: Sequence[str] = (),
         lifecycle: LifecycleTable | Lifecycle | None = None,
+        encrypted_fields: Sequence[str] = (),
     ) -> TypeDefinition:
         """Define (or redefine) a state type.
 
@@ -106,10 +109,16 @@ class StateOperations:
             becomes a composite expression index ``(type, field, state_id)``.
         :param lifecycle: ``{transition: (from statuses, to status)}`` replacing the
             default table; ``None`` as *from* marks creation, ``"*"`` any status.
+        :param encrypted_fields: dotted fields (``"data.ssn"``) stored encrypted
+            with ``STATEMANAGER_ENCRYPTION_KEYS`` (see :doc:`/encryption`); they
+            cannot be indexed nor filtered on.
+        :raises ConfigurationError: a field path is malformed, or an index
+            covers an encrypted field.
         """
         type_name = normalize_type(name)
         for field in indexes:
             check_field_path(field)
+        secret = check_encrypted_fields(encrypted_fields, indexes)
         if isinstance(lifecycle, Mapping):
             lifecycle = Lifecycle(lifecycle)
         definition = TypeDefinition(
@@ -118,6 +127,7 @@ class StateOperations:
             default_ttl=check_ttl(default_ttl),
             indexes=tuple(dict.fromkeys(indexes)),
             validator=None if schema is None else Validator(schema),
+            encrypted_fields=secret,
         )
         with self._registry.lock:
             self._registry.types[type_name] = definition
@@ -158,6 +168,61 @@ class StateOperations:
         with self._registry.lock:
             self._registry.validators.setdefault(type_name, []).append(Validator(validator, only))
 
+    def register_migration(
+        self,
+        state_type: TypeLike,
+        from_version: str,
+        to_version: str,
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> None:
+        """Upgrade the ``data`` of *state_type* records from one schema version to the next.
+
+        Records carry their schema version in ``metadata["version"]``. Reads
+        return them upgraded to the newest registered version, running every
+        migration on the way (``"1.0"`` → ``"1.1"`` → ``"2.0"``); the next
+        write stores them upgraded, and ``flask states migrate`` upgrades them
+        all. Versions compare as versions: ``"1.10"`` is above ``"1.9"``.
+        Registering again from the same *from_version* replaces that migration.
+
+        :param fn: takes a private copy of ``data`` and returns the new
+            ``data`` dict. It may run on every read until the record is
+            written upgraded, so it should be pure and quick.
+        :raises ConfigurationError: a version is not a version, *to_version* is
+            not above *from_version*, or *fn* is not callable.
+        """
+        type_name = normalize_type(state_type)
+        self._registry.type(type_name)
+        self._registry.migrations.register(type_name, from_version, to_version, fn)
+
+    def migrate_states(
+        self, state_type: TypeLike | None = None, *, batch_size: int = 500
+    ) -> MigrationRun:
+        """Upgrade every stored state of a type (or of every type with migrations).
+
+        Backs ``flask states migrate``: returns a :class:`~.migrations.MigrationRun`
+        whose ``batches`` iterator does the work one batch at a time. Each
+        upgrade is an ``update`` change with actor ``"migration"``; states
+        already at the newest version are skipped, so an interrupted run
+        continues when started again.
+
+        :raises ConfigurationError: *state_type* has no migrations.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise _Invalid("batch_size must be a positive integer.", {"batch_size": [">= 1."]})
+        migrations = self._registry.migrations
+        if state_type is None:
+            types = migrations.types()
+        else:
+            type_name = normalize_type(state_type)
+            self._registry.type(type_name)
+            if migrations.latest(type_name) is None:
+                raise ConfigurationError(
+                    f"Type {type_name!r} has no data migrations; register one with "
+                    f"register_migration({type_name!r}, from_version, to_version, fn)."
+                )
+            types = [type_name]
+        return migrate_stored(self._registry, self._runtime(), types, batch_size)
+
     def register_callback(self, event: str, fn: Callback) -> None:
         """Call ``fn(state_id, old_state, new_state, transition_type)`` after matching commits.
 
@@ -183,12 +248,16 @@ class StateOperations:
                 return None
             now = utcnow()
             if is_live(row, now):
-                return row
+                return self._record(runtime, row)
             if needs_expiry(row, now) and runtime.settings.expire_on_read:
-                row = expire(self._registry, runtime, state_id) or runtime.store.get(state_id)
+                recorded = expire(self._registry, runtime, state_id)  # already decrypted
+                if recorded is not None:
+                    upgraded = self._registry.migrations.upgrade(recorded)[0]
+                    return upgraded if include_expired else None
+                row = runtime.store.get(state_id)
                 if row is None or row["status"] == DELETED:
                     return None
-            return row if include_expired else None
+            return self._record(runtime, row) if include_expired else None
 
     def bulk_get(self, state_ids: Sequence[str]) -> dict[str, State]:
         """Live states by id, fetched in one round trip; absent ids are left out."""
@@ -200,7 +269,7 @@ class StateOperations:
         with self._operation("bulk_get") as runtime:
             now = utcnow()
             rows = runtime.store.get_many(ids)
-            return {i: row for i, row in rows.items() if is_live(row, now)}
+            return {i: self._record(runtime, row) for i, row in rows.items() if is_live(row, now)}
 
     def search_states(
         self,
@@ -227,9 +296,10 @@ class StateOperations:
         order = parse_order(order_by)
         with self._operation("search_states") as runtime:
             check_paging(page, per_page, runtime.settings.max_per_page)
+            runtime.encryption.check_conditions(type_name, conditions)
             query = Query(type_name, conditions, order, (page - 1) * per_page, per_page, utcnow())
             items, total = runtime.store.query(query)
-            return Page(items, total, page, per_page)
+            return Page([self._record(runtime, r) for r in items], total, page, per_page)
 
     def get_states_by_type(
         self, state_type: TypeLike, *, page: int = 1, per_page: int = 50
@@ -241,7 +311,7 @@ class StateOperations:
         """Every change of a state, oldest first (kept after deletion)."""
         check_state_id(state_id)
         with self._operation("get_state_history", state_id) as runtime:
-            return runtime.store.history(state_id)
+            return self._changes(runtime, runtime.store.history(state_id))
 
     def verify_history(self, state_id: str | None = None) -> Iterator[BrokenLink | str]:
         """Check the tamper-evident hash chain of one state's history, or of all.
@@ -255,12 +325,17 @@ class StateOperations:
         """
         if state_id is not None:
             check_state_id(state_id)
-        store = self._runtime().store.primary  # the records themselves, not a cache
+        runtime = self._runtime()
+        store = runtime.store.primary  # the records themselves, not a cache
+        opened = runtime.encryption  # hashes cover the plaintext
         after: str | None = None
         while True:
             batch = [state_id] if state_id is not None else store.state_ids(after, 500)
             for current in batch:
-                broken = audit.verify(current, store.history(current), store.get(current))
+                history = [opened.open_change(c) for c in store.history(current)]
+                stored = store.get(current)
+                state = None if stored is None else opened.open_state(stored)
+                broken = audit.verify(current, history, state)
                 yield current if broken is None else broken
             if state_id is not None or not batch:
                 return
@@ -273,7 +348,7 @@ class StateOperations:
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise _Invalid("limit must be an integer from 1 to 10000.", {"limit": ["1 to 10000."]})
         with self._operation("get_recent_changes", state_id) as runtime:
-            return runtime.store.recent_changes(state_id, limit)
+            return self._changes(runtime, runtime.store.recent_changes(state_id, limit))
 
     def get_changes_by_transition(
         self, state_id: str, transition_type: TransitionLike
@@ -282,7 +357,15 @@ class StateOperations:
         check_state_id(state_id)
         transition = normalize_transition(transition_type, known=None)
         with self._operation("get_changes_by_transition", state_id) as runtime:
-            return runtime.store.history(state_id, transition)
+            return self._changes(runtime, runtime.store.history(state_id, transition))
+
+    def _record(self, runtime: Runtime, row: State) -> State:
+        """A stored row as callers see it: decrypted, then upgraded to the newest schema."""
+        return self._registry.migrations.upgrade(runtime.encryption.open_state(row))[0]
+
+    def _changes(self, runtime: Runtime, changes: list[Change]) -> list[Change]:
+        """Stored history entries as callers see them: decrypted."""
+        return [runtime.encryption.open_change(c) for c in changes]
 
     # -- writes ---------------------------------------------------------------
 
@@ -413,7 +496,8 @@ class StateOperations:
 
         def build(current: State | None) -> Proposal:
             assert current is not None
-            entries = self._runtime().store.history(state_id)
+            runtime = self._runtime()
+            entries = self._changes(runtime, runtime.store.history(state_id))
             target = next((c for c in entries if c["version"] == to_version), None)
             if target is None or target["new_data"] is None:
                 raise _Invalid(
@@ -509,6 +593,43 @@ class StateOperations:
             raise _Invalid("limit must be a positive integer.", {"limit": ["A positive integer."]})
         with self._operation("sweep_expired") as runtime:
             return sweep(self._registry, runtime, limit)
+
+    def rotate_encryption_keys(
+        self, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int], dict[str, int]]:
+        """Re-encrypt every stored encrypted value with the first key (``states rotate-keys``).
+
+        Covers states (tombstones too) and history entries; values stored in
+        plaintext before their field was declared encrypted are encrypted.
+        Maintenance, not a change: no history entries, versions stay.
+
+        :returns: the units to look at, the iterator doing one batch per step
+            (yielding units done), and counters ``{"states", "changes"}`` of
+            documents rewritten, filled in as the iterator runs.
+        :raises ConfigurationError: no keys are configured.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise _Invalid("batch_size must be a positive integer.", {"batch_size": [">= 1."]})
+        runtime = self._runtime()
+        encryption = runtime.encryption
+        if encryption.cipher is None:
+            raise ConfigurationError(
+                "STATEMANAGER_ENCRYPTION_KEYS is not set: there is no key to re-encrypt with."
+            )
+        counts = {"states": 0, "changes": 0}
+
+        def state(row: State) -> State | None:
+            new = encryption.rotate_state(row)
+            counts["states"] += new is not None
+            return new
+
+        def change(entry: Change) -> Change | None:
+            new = encryption.rotate_change(entry)
+            counts["changes"] += new is not None
+            return new
+
+        total, batches = runtime.store.rewrite(state, change, batch_size=batch_size)
+        return total, batches, counts
 
     # -- operations and health ---------------------------------------------------
 

@@ -66,6 +66,9 @@ class Query:
     limit: int
     #: Rows whose ``expires_at`` is at or before this instant are left out.
     now: datetime
+    #: ``False``: the caller needs no total (keyset scans); a store may then
+    #: skip counting and report the page's length.
+    count: bool = True
 
 
 class Page(Sequence[State]):

@@ -61,6 +61,13 @@ class Tally:
 #: history hash (``None``: no history), returns the writes to commit.
 Plan = Callable[[Mapping[str, State | None], Mapping[str, str | None]], Sequence[Write]]
 
+#: Given a stored state (tombstones included), the record to store in its place
+#: (only ``data`` and ``metadata`` may differ), or ``None`` to leave it.
+StateRewrite = Callable[[State], State | None]
+#: Given a stored history entry, the entry to store in its place (only
+#: ``old_data`` and ``new_data`` may differ), or ``None`` to leave it.
+ChangeRewrite = Callable[[Change], Change | None]
+
 
 class VersionMismatch(Exception):
     """A compare-and-set lost: the stored version is not the expected one.
@@ -187,6 +194,23 @@ class Store(ABC):
         """Probe the backend; return facts for the health report.
 
         :raises BackendUnavailableError: the backend does not answer.
+        """
+
+    @abstractmethod
+    def rewrite(
+        self, states: StateRewrite, changes: ChangeRewrite, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int]]:
+        """Maintenance: rewrite stored documents in place, batch by batch.
+
+        Not a state change: no history entry is added, versions and timestamps
+        stay. Used by ``flask states rotate-keys`` to re-encrypt. A state
+        written by someone else between the read and the rewrite of its batch
+        is left as that writer stored it. A cache in front drops what it holds
+        of the rewritten states.
+
+        :returns: how many units (records, or states with their history) there
+            are to look at, and an iterator that does one batch per step and
+            yields how many units it looked at.
         """
 
     @abstractmethod

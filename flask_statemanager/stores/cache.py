@@ -133,7 +133,7 @@ from ..definitions import TypeDefinition
 from ..errors import BackendUnavailableError, StateManagerError
 from ..query import Query
 from ..records import Change, State, isoformat, utcnow
-from .base import Plan, Store, Tally, VersionMismatch, Write
+from .base import ChangeRewrite, Plan, StateRewrite, Store, Tally, VersionMismatch, Write
 
 logger = logging.getLogger("flask_statemanager")
 
@@ -765,6 +765,35 @@ class CachedStore(Store):
             pass
         with self._stats_lock:
             self._stats = dict.fromkeys(self._stats, 0)
+
+    def rewrite(
+        self, states: StateRewrite, changes: ChangeRewrite, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int]]:
+        """Rewrite the store's documents, then bump the generation: every entry goes.
+
+        Bumping once at the end (rather than deleting each rewritten key) also
+        voids fills that read the store before their state was rewritten. If
+        Redis is unreachable then, this process bumps before it reads Redis
+        again (the circuit's rule), and other processes' entries end with
+        their TTL.
+        """
+        total, batches = self.inner.rewrite(states, changes, batch_size=batch_size)
+
+        def run() -> Iterator[int]:
+            try:
+                yield from batches
+            finally:
+                try:
+                    self._call(
+                        "invalidation",
+                        lambda _bump: self._probe_script(
+                            keys=[self._generation_key], args=["1"], client=self.client
+                        ),
+                    )
+                except _Skipped:
+                    pass
+
+        return total, run()
 
     def close(self) -> None:
         self.client.connection_pool.disconnect()

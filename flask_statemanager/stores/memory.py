@@ -17,7 +17,16 @@ from .. import codec
 from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..query import Query, matches
 from ..records import Change, State
-from .base import Plan, Store, VersionMismatch, Write, check_restore, restore_refused
+from .base import (
+    ChangeRewrite,
+    Plan,
+    StateRewrite,
+    Store,
+    VersionMismatch,
+    Write,
+    check_restore,
+    restore_refused,
+)
 
 
 def _copy_state(state: State) -> State:
@@ -160,6 +169,33 @@ class MemoryStore(Store):
 
     def check(self) -> dict[str, Any]:
         return {"component": "memory", "states": self.count()}
+
+    def rewrite(
+        self, states: StateRewrite, changes: ChangeRewrite, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int]]:
+        with self._lock:
+            ids = sorted(self._states.keys() | self._history.keys())
+
+        def run() -> Iterator[int]:
+            for start in range(0, len(ids), batch_size):
+                batch = ids[start : start + batch_size]
+                with self._lock:
+                    for state_id in batch:
+                        stored = self._states.get(state_id)
+                        new = None if stored is None else states(_copy_state(stored))
+                        if new is not None and stored is not None:
+                            stored["data"] = _copy_state(new)["data"]
+                            stored["metadata"] = _copy_state(new)["metadata"]
+                        for change in self._history.get(state_id, []):
+                            rewritten = changes(_copy_change(change))
+                            if rewritten is not None:
+                                # The log shares these objects: rewrite in place.
+                                fresh = _copy_change(rewritten)
+                                change["old_data"] = fresh["old_data"]
+                                change["new_data"] = fresh["new_data"]
+                yield len(batch)
+
+        return len(ids), run()
 
     def reset(self) -> None:
         with self._lock:

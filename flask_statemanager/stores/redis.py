@@ -127,7 +127,17 @@ from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..errors import BackendUnavailableError, ConfigurationError, StateValidationError
 from ..query import Query
 from ..records import Change, State
-from .base import Plan, Store, Tally, VersionMismatch, Write, check_restore, restore_refused
+from .base import (
+    ChangeRewrite,
+    Plan,
+    StateRewrite,
+    Store,
+    Tally,
+    VersionMismatch,
+    Write,
+    check_restore,
+    restore_refused,
+)
 
 _SCRIPTS = (
     "backfill",
@@ -138,6 +148,7 @@ _SCRIPTS = (
     "lock_read",
     "recent",
     "restore",
+    "rewrite",
     "search",
     "unlock",
 )
@@ -776,6 +787,60 @@ class RedisStore(Store):
         return entries
 
     # -- maintenance ------------------------------------------------------------
+
+    def rewrite(
+        self, states: StateRewrite, changes: ChangeRewrite, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int]]:
+        """Rewrite documents in place, a batch of states (each with its history) at a time.
+
+        States are found by ``SCAN`` over the history keys (every state ever
+        written has one, tombstones too); one script per batch replaces each
+        document only if it is still the one read, keeping its TTL.
+        """
+        pattern = _GLOB.sub(r"\\\1", self.prefix) + ":history:{*"
+        with self._redis():
+            total = sum(1 for _ in self.client.scan_iter(match=pattern, count=1000))
+
+        def run() -> Iterator[int]:
+            batch: list[str] = []
+            with self._redis():
+                for key in self.client.scan_iter(match=pattern, count=1000):
+                    name = _text(key)
+                    batch.append(name[name.index("{") + 1 : -1])
+                    if len(batch) >= batch_size:
+                        self._rewrite_batch(batch, states, changes)
+                        yield len(batch)
+                        batch = []
+                if batch:
+                    self._rewrite_batch(batch, states, changes)
+                    yield len(batch)
+
+        return total, run()
+
+    def _rewrite_batch(
+        self, ids: Sequence[str], states: StateRewrite, changes: ChangeRewrite
+    ) -> None:
+        with self._redis():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget([self.state_key(i) for i in ids])
+            for state_id in ids:
+                pipe.lrange(self.history_key(state_id), 0, -1)
+            raws, *histories = pipe.execute()
+        keys: list[str] = []
+        args: list[Any] = []
+        for state_id, raw, entries in zip(ids, raws, histories, strict=True):
+            new = None if raw is None else states(_state(raw))
+            if new is not None:
+                keys.append(self.state_key(state_id))
+                args += ["s", 0, raw, _document(new)]
+            for position, entry in enumerate(entries):
+                rewritten = changes(_change(entry))
+                if rewritten is not None:
+                    keys.append(self.history_key(state_id))
+                    args += ["h", position, entry, _document(rewritten)]
+        if keys:
+            self._run("rewrite", keys, args)
+        self._records.forget(ids)
 
     def reset(self) -> None:
         """Delete this store's states, history, locks and index entries.

@@ -32,7 +32,17 @@ from ..definitions import DELETED, EXPIRED, TypeDefinition
 from ..errors import BackendUnavailableError, StateValidationError
 from ..query import Condition, Query
 from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
-from .base import Plan, Store, Tally, VersionMismatch, Write, check_restore, restore_refused
+from .base import (
+    ChangeRewrite,
+    Plan,
+    StateRewrite,
+    Store,
+    Tally,
+    VersionMismatch,
+    Write,
+    check_restore,
+    restore_refused,
+)
 from .sql_json import column_name, compare, json_dialect
 from .sql_statements import Statements
 from .sql_tables import index_name, make_tables
@@ -182,8 +192,9 @@ class SQLStore(Store):
         )
         with self._connect() as conn, self._custom_plans(conn):
             rows = conn.execute(page).all()
-            # A short first page is the whole result: skip the COUNT.
-            if query.offset == 0 and len(rows) < query.limit:
+            # A short first page is the whole result: skip the COUNT (and when
+            # the caller needs no total).
+            if not query.count or (query.offset == 0 and len(rows) < query.limit):
                 count = len(rows)
             else:
                 total = sa.select(sa.func.count()).select_from(states).where(*where)
@@ -458,6 +469,72 @@ class SQLStore(Store):
             return
         with raw.pipeline() as pipeline:
             yield pipeline.sync
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def rewrite(
+        self, states: StateRewrite, changes: ChangeRewrite, *, batch_size: int = 500
+    ) -> tuple[int, Iterator[int]]:
+        """Rewrite rows in place: states by ``state_id``, then history by ``id``.
+
+        Each batch is one transaction. A state row is rewritten only if still
+        at the version read (``UPDATE … WHERE version = ?``); history rows are
+        never changed by writers, so theirs is unconditional.
+        """
+        s, h = self.states, self.history_table
+        with self._connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(s)).scalar_one()
+            total += conn.execute(sa.select(sa.func.count()).select_from(h)).scalar_one()
+
+        def run() -> Iterator[int]:
+            last_id: str | None = None
+            while True:
+                stmt = sa.select(*self._state_columns).order_by(s.c.state_id).limit(batch_size)
+                if last_id is not None:
+                    stmt = stmt.where(s.c.state_id > last_id)
+                with self._connect(self.engine) as conn:
+                    rows = [_state(r) for r in conn.execute(stmt).all()]
+                    for row in rows:
+                        new = states(row)
+                        if new is not None:
+                            conn.execute(
+                                s.update()
+                                .where(s.c.state_id == row["state_id"])
+                                .where(s.c.version == row["version"])
+                                .values(data=new["data"], meta=new["metadata"])
+                            )
+                    conn.commit()
+                if not rows:
+                    break
+                last_id = rows[-1]["state_id"]
+                yield len(rows)
+            last = 0
+            while True:
+                query = (
+                    sa.select(h.c.id, *self._change_columns)
+                    .where(h.c.id > last)
+                    .order_by(h.c.id)
+                    .limit(batch_size)
+                )
+                with self._connect(self.engine) as conn:
+                    found = conn.execute(query).all()
+                    for entry in found:
+                        rewritten = changes(_change(entry[1:]))
+                        if rewritten is not None:
+                            # Only documents: a NULL old_data (a create) stays SQL NULL.
+                            documents = {
+                                k: rewritten[k]
+                                for k in ("old_data", "new_data")
+                                if rewritten[k] is not None
+                            }
+                            conn.execute(h.update().where(h.c.id == entry[0]).values(**documents))
+                    conn.commit()
+                if not found:
+                    break
+                last = found[-1][0]
+                yield len(found)
+
+        return int(total), run()
 
     def reset(self) -> None:
         with self.engine.begin() as conn:
