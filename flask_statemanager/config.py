@@ -79,6 +79,18 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
         "Largest encoded size of a state's data plus metadata, in bytes.",
     ),
     ("STATEMANAGER_MAX_DEPTH", 32, "Deepest nesting of objects and lists in data or metadata."),
+    (
+        "STATEMANAGER_MAX_STATES_PER_TYPE",
+        None,
+        "Most live states of one type; registering beyond it raises StateLimitError. None: no "
+        "limit. A type's own max_states takes precedence.",
+    ),
+    (
+        "STATEMANAGER_PURGE_DELETED_AFTER",
+        None,
+        "Seconds after which `flask states prune` removes a deleted state with its history; "
+        "None keeps them. A type's own purge_deleted_after takes precedence.",
+    ),
     ("STATEMANAGER_MAX_PER_PAGE", 500, "Largest page size accepted by searches."),
     (
         "STATEMANAGER_EXPIRE_ON_READ",
@@ -125,6 +137,8 @@ class Settings:
     cache_timeout: float
     cache_cooldown: float
     sweep_interval: float | None
+    max_states_per_type: int | None = None
+    purge_deleted_after: float | None = None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -210,4 +224,10 @@ class Settings:
             cache_timeout=seconds("STATEMANAGER_CACHE_TIMEOUT"),
             cache_cooldown=seconds("STATEMANAGER_CACHE_COOLDOWN"),
             sweep_interval=seconds("STATEMANAGER_SWEEP_INTERVAL", optional=True),
+            max_states_per_type=(
+                None
+                if values["STATEMANAGER_MAX_STATES_PER_TYPE"] is None
+                else positive_int("STATEMANAGER_MAX_STATES_PER_TYPE")
+            ),
+            purge_deleted_after=seconds("STATEMANAGER_PURGE_DELETED_AFTER", optional=True),
         )

@@ -211,9 +211,10 @@ def commit(
         outcomes.clear()
         now = utcnow()
         current = dict(rows)
+        limits = Limits(registry, runtime)
         for op in operations:
             try:
-                writes = _plan_one(registry, runtime, op, current.get(op.state_id), now)
+                writes = _plan_one(registry, runtime, op, current.get(op.state_id), now, limits)
             except StateManagerError as exc:
                 if not partial:
                     raise
@@ -260,7 +261,12 @@ def write(
 
 
 def _plan_one(
-    registry: Registry, runtime: Runtime, op: Operation, row: State | None, now: datetime
+    registry: Registry,
+    runtime: Runtime,
+    op: Operation,
+    row: State | None,
+    now: datetime,
+    limits: Limits | None = None,
 ) -> list[tuple[Write, State | None]]:
     """The writes of one operation on *row* (the stored record, or the batch's latest)."""
     state_id = op.state_id
@@ -281,8 +287,59 @@ def _plan_one(
     new_state, change = _prepare(
         registry, runtime, state_id, op.create_type, live, base, op.build(live), op.actor, now
     )
-    writes.append((Write(new_state, base["version"] if base else 0, change), live))
+    limit = None
+    if op.create_type is not None:
+        limit = (limits or Limits(registry, runtime)).admit(op.create_type, state_id, row)
+    writes.append((Write(new_state, base["version"] if base else 0, change, limit), live))
     return writes
+
+
+class Limits:
+    """The ``max_states`` checks of one plan: counts read once per type, creations added.
+
+    A state counts against its type's limit unless deleted or expired by
+    status. The store counts under its write lock where that covers every
+    writer of the type (memory, SQLite, and PostgreSQL through an advisory
+    lock per type); Redis checks again in its commit script.
+    """
+
+    def __init__(self, registry: Registry, runtime: Runtime) -> None:
+        self._registry = registry
+        self._runtime = runtime
+        self._counts: dict[str, int] = {}
+
+    def maximum(self, type_name: str) -> int | None:
+        """The ``max_states`` of *type_name*, or the global one, or ``None``."""
+        own = self._registry.type(type_name).max_states
+        return own if own is not None else self._runtime.settings.max_states_per_type
+
+    def admit(self, type_name: str, state_id: str, row: State | None) -> int | None:
+        """Count one more state of *type_name*; return its limit (``None``: unlimited).
+
+        :param row: the stored record the new state replaces, if any: one of
+            the same type that still counts (its TTL passed unrecorded) is
+            replaced, not added.
+        :raises StateLimitError: the type is full; nothing is written.
+        """
+        maximum = self.maximum(type_name)
+        if maximum is None:
+            return None
+        if type_name not in self._counts:
+            self._counts[type_name] = self._runtime.store.count_type(type_name, maximum + 1)
+        replaced = row is not None and row["type"] == type_name
+        replaced = replaced and row["status"] not in (DELETED, EXPIRED)  # type: ignore[index]
+        count = self._counts[type_name] + (0 if replaced else 1)
+        if count > maximum:
+            raise StateLimitError(
+                f"Cannot create {state_id!r}: type {type_name!r} already holds {maximum} states, "
+                f"its limit (max_states or STATEMANAGER_MAX_STATES_PER_TYPE); delete states of "
+                "this type or raise the limit.",
+                limit="states",
+                value=count,
+                maximum=maximum,
+            )
+        self._counts[type_name] = count
+        return maximum
 
 
 def _prepare(

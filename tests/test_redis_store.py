@@ -113,6 +113,7 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
         "statemanager:type:user",
         "statemanager:type:session",
         "statemanager:expiry:session",
+        "statemanager:tombstones:user",
         "statemanager:index:user:data.status",
         "statemanager:indexes",
         "statemanager:types",
@@ -123,7 +124,7 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
     for state_id in ("u1", "a.b:c@d-e_f", "x" * 255):
         slots = {
             key_slot(k(state_id).encode())
-            for k in (store.state_key, store.history_key, store.lock_key)
+            for k in (store.state_key, store.history_key, store.lock_key, store.pruned_key)
         }
         assert len(slots) == 1
     assert client.type("statemanager:state:{u1}") == b"string"

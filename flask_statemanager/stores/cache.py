@@ -120,7 +120,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -133,7 +133,7 @@ from ..definitions import TypeDefinition
 from ..errors import BackendUnavailableError, StateManagerError
 from ..query import Query
 from ..records import Change, State, isoformat, utcnow
-from .base import Plan, Store, VersionMismatch, Write
+from .base import Plan, Pruned, Retention, Store, VersionMismatch, Write
 
 logger = logging.getLogger("flask_statemanager")
 
@@ -710,6 +710,31 @@ class CachedStore(Store):
 
     def count(self) -> int:
         return self.inner.count()
+
+    def count_type(self, type_name: str, limit: int | None = None) -> int:
+        return self.inner.count_type(type_name, limit)
+
+    def type_size(self, type_name: str) -> int:
+        return self.inner.type_size(type_name)
+
+    def prune(
+        self,
+        type_name: str,
+        retention: Retention,
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+    ) -> Iterator[Pruned]:
+        """The store prunes; the entries of the states it purged are deleted.
+
+        A purged id registered again starts over at version 1, and a
+        write-through never replaces a higher version: without the deletion,
+        the cache would go on serving the old tombstone.
+        """
+        for batch in self.inner.prune(type_name, retention, batch_size=batch_size, dry_run=dry_run):
+            if batch.purged and not dry_run:
+                self._invalidate(batch.purged)
+            yield batch
 
     def check(self) -> dict[str, Any]:
         return self.inner.check()
