@@ -138,7 +138,15 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
     assert client.zrange("statemanager:type:user", 0, -1) == [b"u1"]
     assert client.zrange("statemanager:expiry:session", 0, -1) == [b"s1"]
     assert client.zrange("statemanager:index:user:data.status", 0, -1) == [b"sactive\x00u1"]
-    assert client.lrange("statemanager:log", 0, -1) == [b"u1 1", b"s1 1", b"gone 1", b"gone 2"]
+    # Each log entry names the state, the version and the change id.
+    changes = [
+        (i, c["version"], c["change_id"])
+        for i in ("u1", "s1", "gone")
+        for c in sm.get_state_history(i)
+    ]
+    assert client.lrange("statemanager:log", 0, -1) == [
+        f"{i} {v} {c}".encode() for i, v, c in changes
+    ]
     # Timestamps have one fixed width, so that they compare as strings.
     doc = client.get("statemanager:state:{s1}")
     assert doc is not None
