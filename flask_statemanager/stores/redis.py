@@ -479,8 +479,9 @@ class RedisStore(Store):
                 with self._redis():
                     cursor, found = self.client.zscan(source, cursor, count=batch_size)
                 ids = [_text(cast("bytes | str", member)) for member, _score in found]
-                if ids:
-                    yield self._prune_batch(type_name, ids, rule)
+                # A small set comes back whole, whatever COUNT says.
+                for start in range(0, len(ids), batch_size):
+                    yield self._prune_batch(type_name, ids[start : start + batch_size], rule)
                 if cursor == 0:
                     break
 
