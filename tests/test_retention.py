@@ -453,14 +453,21 @@ class TestRedisRetention(RetentionContract):
         assert sm.register_state("t1", "temp", doc())["version"] == 1
 
     def test_an_id_registered_under_another_type_is_not_pruned_as_the_old(
-        self, sm: StateManager
+        self, sm: StateManager, client: redis.Redis
     ) -> None:
-        sm.register_state("x", "temp", doc())
-        sm.delete_state("x")
+        for state_id in ("x", "y"):
+            sm.register_state(state_id, "temp", doc())
+            sm.delete_state(state_id)
         sm.register_state("x", "user", doc())  # a new life, another type
+        client.delete("statemanager:state:{y}")  # as its tombstone_ttl would...
+        sm._runtime().store = self.other_process(sm)  # ...and in a process that never saw it,
+        sm.register_state("y", "user", doc())  # so the commit cannot tell its old type
+        assert client.zscore("statemanager:tombstones:temp", "y") is not None
         time.sleep(0.35)
         assert sm.prune().purged == 0
-        assert sm.get_state("x")["version"] == 3
+        assert sm.get_state("x")["version"] == sm.get_state("y")["version"] == 3
+        assert versions(sm, "y") == [1, 2, 3]
+        assert client.zcard("statemanager:tombstones:temp") == 0  # the stale member went
 
     def test_a_locked_state_waits_for_the_next_run(
         self, sm: StateManager, client: redis.Redis

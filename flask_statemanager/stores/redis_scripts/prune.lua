@@ -38,6 +38,12 @@ for i = 2, #ARGV do
     local last = cjson.decode(redis.call('LINDEX', history, -1))
     status, stamp = last.metadata.to_status, last.created_at
   end
+  local tombstone = status == 'deleted' or status == 'expired'
+  if raw and not dry_run and (kind ~= type_name or not tombstone) then
+    -- Registered again over a tombstone whose document Redis had dropped:
+    -- the commit could not tell the old type, so the member stayed behind.
+    redis.call('ZREM', tombstones, id)
+  end
   if redis.call('EXISTS', lock) == 1 or kind ~= type_name then
     -- Locked: the next run decides. Another type: not ours.
   elseif status == 'deleted' and purge_before and stamp <= purge_before then
