@@ -172,6 +172,32 @@ class RetentionContract:
         assert sm.transition("n1", "activate")["version"] == 8
         assert versions(sm, "n1") == [4, 5, 6, 7, 8]
 
+    def test_prune_while_writers_write(self, sm: StateManager, app_of: Flask) -> None:
+        sm.register_state("n1", "note", doc(n=0))
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            with app_of.app_context():
+                try:
+                    for _ in range(40):
+                        sm.atomic_update("n1", lambda d: {"n": d["n"] + 1})
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+        writers = [threading.Thread(target=write) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        while any(w.is_alive() for w in writers):
+            sm.prune(batch_size=1)
+        for writer in writers:
+            writer.join()
+        assert errors == []
+        state = sm.get_state("n1")
+        assert (state["version"], state["data"]) == (81, {"n": 80})
+        sm.prune()
+        assert versions(sm, "n1") == [79, 80, 81]
+        assert sm.get_state_history("n1")[-1]["new_data"] == {"n": 80}
+
     def test_recent_changes_leave_pruned_entries_out(self, sm: StateManager) -> None:
         grow(sm, "n1", "note", 4)
         sm.prune()
