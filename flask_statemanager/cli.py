@@ -522,3 +522,50 @@ def migrate(state_type: str | None, batch_size: int) -> None:
     except StateManagerError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Upgraded {run.upgraded} state(s); {run.current} already at the newest version.")
+
+
+@states.command("prune")
+@click.option("--type", "state_type", default=None, help="Only this state type.")
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
+@click.option(
+    "--batch-size",
+    default=500,
+    show_default=True,
+    type=click.IntRange(1),
+    help="States per batch; each batch commits on its own.",
+)
+@with_appcontext
+def prune(state_type: str | None, dry_run: bool, batch_size: int) -> None:
+    """Apply retention: trim old history entries and purge old deleted states.
+
+    Each type keeps what register_type(..., keep_history=N, keep_history_for=
+    seconds) says; deleted states go purge_deleted_after seconds (or
+    STATEMANAGER_PURGE_DELETED_AFTER) after their deletion. A state's newest
+    history entry always stays.
+    """
+    from .retention import has_retention
+
+    manager = _manager()
+    try:
+        if state_type is not None:
+            types = [manager.get_type(state_type)]
+        else:
+            types = list(manager.types.values())
+        settings = manager._runtime().settings
+        total = sum(manager.store.type_size(t.name) for t in types if has_retention(t, settings))
+        with click.progressbar(length=total, label="Pruning") as bar:
+            report = manager.prune(
+                state_type,
+                dry_run=dry_run,
+                batch_size=batch_size,
+                progress=lambda _type, batch: bar.update(batch.states),
+            )
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    verb = "Would remove" if dry_run else "Removed"
+    for name, (entries, purged) in sorted(report.types.items()):
+        click.echo(f"  {name}: {entries} history entries, {purged} deleted state(s)")
+    click.echo(
+        f"{verb} {report.entries} history entries and purged {report.purged} deleted state(s) "
+        f"of {report.states} examined."
+    )

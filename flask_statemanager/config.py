@@ -81,6 +81,18 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
         "Largest encoded size of a state's data plus metadata, in bytes.",
     ),
     ("STATEMANAGER_MAX_DEPTH", 32, "Deepest nesting of objects and lists in data or metadata."),
+    (
+        "STATEMANAGER_MAX_STATES_PER_TYPE",
+        None,
+        "Most live states of one type; registering beyond it raises StateLimitError. None: no "
+        "limit. A type's own max_states takes precedence.",
+    ),
+    (
+        "STATEMANAGER_PURGE_DELETED_AFTER",
+        None,
+        "Seconds after which `flask states prune` removes a deleted state with its history; "
+        "None keeps them. A type's own purge_deleted_after takes precedence.",
+    ),
     ("STATEMANAGER_MAX_PER_PAGE", 500, "Largest page size accepted by searches."),
     (
         "STATEMANAGER_EXPIRE_ON_READ",
@@ -184,6 +196,8 @@ class Settings:
     metrics_url: str | None
     #: The Fernet keys of ``STATEMANAGER_ENCRYPTION_KEYS``, first one encrypting.
     encryption_keys: tuple[bytes, ...] = ()
+    max_states_per_type: int | None = None
+    purge_deleted_after: float | None = None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Settings:
@@ -284,4 +298,10 @@ class Settings:
             health_url_prefix=url("STATEMANAGER_HEALTH_URL_PREFIX"),
             metrics_url=url("STATEMANAGER_METRICS_URL"),
             encryption_keys=parse_keys(values["STATEMANAGER_ENCRYPTION_KEYS"]),
+            max_states_per_type=(
+                None
+                if values["STATEMANAGER_MAX_STATES_PER_TYPE"] is None
+                else positive_int("STATEMANAGER_MAX_STATES_PER_TYPE")
+            ),
+            purge_deleted_after=seconds("STATEMANAGER_PURGE_DELETED_AFTER", optional=True),
         )

@@ -224,12 +224,25 @@ class TypeDefinition:
     :param default_ttl: seconds a new state lives unless given a ``ttl``.
     :param indexes: dotted fields declared for search indexes.
     :param encrypted_fields: dotted fields stored encrypted (:mod:`.encryption`).
+    :param keep_history: ``flask states prune`` keeps at least this many of
+        each state's newest history entries.
+    :param keep_history_for: ``prune`` keeps every entry younger than this
+        many seconds.
+    :param purge_deleted_after: ``prune`` removes deleted states (tombstone
+        and history) this many seconds after their deletion; ``None`` defers
+        to ``STATEMANAGER_PURGE_DELETED_AFTER``.
+    :param max_states: most live states the type may hold; ``None`` defers to
+        ``STATEMANAGER_MAX_STATES_PER_TYPE``.
     """
 
     name: str
     lifecycle: Lifecycle = DEFAULT_LIFECYCLE
     default_ttl: float | None = None
     indexes: tuple[str, ...] = ()
+    keep_history: int | None = None
+    keep_history_for: float | None = None
+    purge_deleted_after: float | None = None
+    max_states: int | None = None
     #: The type's own schema (a :class:`~.validation.Validator`), run before
     #: validators registered with ``register_validator``.
     validator: Any = None

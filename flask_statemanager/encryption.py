@@ -227,7 +227,7 @@ class Encryption:
 
         state = _state_with(write.state, fields, seal)
         change = _change_with(write.change, fields, seal)
-        return Write(state, write.expected_version, change)
+        return Write(state, write.expected_version, change, write.limit)
 
     # -- reads --------------------------------------------------------------------------
 

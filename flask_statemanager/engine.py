@@ -225,9 +225,10 @@ def commit(
         now = utcnow()
         # Decrypting is the first step after the store's read.
         current = {i: None if r is None else encryption.open_state(r) for i, r in rows.items()}
+        limits = Limits(registry, runtime)
         for op in operations:
             try:
-                writes = _plan_one(registry, runtime, op, current.get(op.state_id), now)
+                writes = _plan_one(registry, runtime, op, current.get(op.state_id), now, limits)
             except StateManagerError as exc:
                 if isinstance(exc, _REJECTIONS):
                     rejected.append((_type_of(registry, op, current.get(op.state_id)), exc))
@@ -298,7 +299,12 @@ def write(
 
 
 def _plan_one(
-    registry: Registry, runtime: Runtime, op: Operation, row: State | None, now: datetime
+    registry: Registry,
+    runtime: Runtime,
+    op: Operation,
+    row: State | None,
+    now: datetime,
+    limits: Limits | None = None,
 ) -> list[tuple[Write, State | None]]:
     """The writes of one operation on *row* (the stored record, or the batch's latest)."""
     state_id = op.state_id
@@ -336,8 +342,59 @@ def _plan_one(
     if migrated_from is not None:
         assert live is not None
         change = Change(change, old_data=live["data"])  # the history keeps what was stored
-    writes.append((Write(new_state, base["version"] if base else 0, change), upgraded))
+    limit = None
+    if op.create_type is not None:
+        limit = (limits or Limits(registry, runtime)).admit(op.create_type, state_id, row)
+    writes.append((Write(new_state, base["version"] if base else 0, change, limit), upgraded))
     return writes
+
+
+class Limits:
+    """The ``max_states`` checks of one plan: counts read once per type, creations added.
+
+    A state counts against its type's limit unless deleted or expired by
+    status. The store counts under its write lock where that covers every
+    writer of the type (memory, SQLite, and PostgreSQL through an advisory
+    lock per type); Redis checks again in its commit script.
+    """
+
+    def __init__(self, registry: Registry, runtime: Runtime) -> None:
+        self._registry = registry
+        self._runtime = runtime
+        self._counts: dict[str, int] = {}
+
+    def maximum(self, type_name: str) -> int | None:
+        """The ``max_states`` of *type_name*, or the global one, or ``None``."""
+        own = self._registry.type(type_name).max_states
+        return own if own is not None else self._runtime.settings.max_states_per_type
+
+    def admit(self, type_name: str, state_id: str, row: State | None) -> int | None:
+        """Count one more state of *type_name*; return its limit (``None``: unlimited).
+
+        :param row: the stored record the new state replaces, if any: one of
+            the same type that still counts (its TTL passed unrecorded) is
+            replaced, not added.
+        :raises StateLimitError: the type is full; nothing is written.
+        """
+        maximum = self.maximum(type_name)
+        if maximum is None:
+            return None
+        if type_name not in self._counts:
+            self._counts[type_name] = self._runtime.store.count_type(type_name, maximum + 1)
+        replaced = row is not None and row["type"] == type_name
+        replaced = replaced and row["status"] not in (DELETED, EXPIRED)  # type: ignore[index]
+        count = self._counts[type_name] + (0 if replaced else 1)
+        if count > maximum:
+            raise StateLimitError(
+                f"Cannot create {state_id!r}: type {type_name!r} already holds {maximum} states, "
+                f"its limit (max_states or STATEMANAGER_MAX_STATES_PER_TYPE); delete states of "
+                "this type or raise the limit.",
+                limit="states",
+                value=count,
+                maximum=maximum,
+            )
+        self._counts[type_name] = count
+        return maximum
 
 
 def _prepare(

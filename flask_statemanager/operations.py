@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import audit, mutations
+from . import audit, mutations, retention
 from .audit import BrokenLink
 from .definitions import (
     DEFAULT_LIFECYCLE,
@@ -50,7 +50,7 @@ from .metrics import log_state_operation
 from .migrations import MigrationRun, migrate_stored
 from .query import Page, Query, check_paging, parse_conditions, parse_order
 from .records import Change, State, isoformat, utcnow
-from .stores.base import Store
+from .stores.base import Pruned, Store
 from .transactions import BulkResult, Transaction
 from .validation import Validator, ValidatorLike
 
@@ -99,6 +99,10 @@ class StateOperations:
         indexes: Sequence[str] = (),
         lifecycle: LifecycleTable | Lifecycle | None = None,
         encrypted_fields: Sequence[str] = (),
+        keep_history: int | None = None,
+        keep_history_for: float | None = None,
+        purge_deleted_after: float | None = None,
+        max_states: int | None = None,
     ) -> TypeDefinition:
         """Define (or redefine) a state type.
 
@@ -114,8 +118,22 @@ class StateOperations:
             cannot be indexed nor filtered on.
         :raises ConfigurationError: a field path is malformed, or an index
             covers an encrypted field.
+        :param keep_history: :meth:`prune` keeps at least the newest *keep_history*
+            history entries of each state (see :doc:`retention`).
+        :param keep_history_for: :meth:`prune` keeps every history entry younger
+            than this many seconds. With both, an entry goes only when both let it.
+        :param purge_deleted_after: :meth:`prune` removes a deleted state, tombstone
+            and history, this many seconds after its deletion (default:
+            ``STATEMANAGER_PURGE_DELETED_AFTER``).
+        :param max_states: most live states of this type; registering one more
+            raises :class:`StateLimitError` (default:
+            ``STATEMANAGER_MAX_STATES_PER_TYPE``).
         """
         type_name = normalize_type(name)
+        keep_history = retention.check_count("keep_history", keep_history)
+        keep_history_for = retention.check_seconds("keep_history_for", keep_history_for)
+        purge_deleted_after = retention.check_seconds("purge_deleted_after", purge_deleted_after)
+        max_states = retention.check_count("max_states", max_states)
         for field in indexes:
             check_field_path(field)
         secret = check_encrypted_fields(encrypted_fields, indexes)
@@ -128,6 +146,10 @@ class StateOperations:
             indexes=tuple(dict.fromkeys(indexes)),
             validator=None if schema is None else Validator(schema),
             encrypted_fields=secret,
+            keep_history=keep_history,
+            keep_history_for=keep_history_for,
+            purge_deleted_after=purge_deleted_after,
+            max_states=max_states,
         )
         with self._registry.lock:
             self._registry.types[type_name] = definition
@@ -630,6 +652,52 @@ class StateOperations:
 
         total, batches = runtime.store.rewrite(state, change, batch_size=batch_size)
         return total, batches, counts
+
+    def prune(
+        self,
+        state_type: TypeLike | None = None,
+        *,
+        dry_run: bool = False,
+        batch_size: int = 500,
+        progress: Callable[[str, Pruned], None] | None = None,
+    ) -> retention.PruneReport:
+        """Apply every type's retention: trim old history, purge old deleted states.
+
+        Each batch of *batch_size* states commits on its own; an interrupted
+        run keeps what it did and the next one finishes. See :doc:`retention`.
+
+        :param state_type: only this type (default: every registered type).
+        :param dry_run: count what would be removed, remove nothing.
+        :param progress: called after each batch with the type and a
+            :class:`~.stores.base.Pruned`.
+        :raises ConfigurationError: *state_type* has no retention to apply.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise _Invalid(
+                "batch_size must be a positive integer.", {"batch_size": ["A positive integer."]}
+            )
+        if state_type is not None:
+            definitions = [self.get_type(state_type)]
+        else:
+            definitions = list(self._registry.types.values())
+        with self._operation("prune") as runtime:
+            if state_type is not None and not retention.has_retention(
+                definitions[0], runtime.settings
+            ):
+                raise ConfigurationError(
+                    f"Type {definitions[0].name!r} has no retention: register it with "
+                    "keep_history, keep_history_for or purge_deleted_after, or set "
+                    "STATEMANAGER_PURGE_DELETED_AFTER."
+                )
+            return retention.prune(
+                runtime.store,
+                definitions,
+                runtime.settings,
+                utcnow(),
+                dry_run=dry_run,
+                batch_size=batch_size,
+                progress=progress,
+            )
 
     # -- operations and health ---------------------------------------------------
 

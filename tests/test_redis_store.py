@@ -114,6 +114,7 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
         "statemanager:type:user",
         "statemanager:type:session",
         "statemanager:expiry:session",
+        "statemanager:tombstones:user",
         "statemanager:index:user:data.status",
         "statemanager:indexes",
         "statemanager:types",
@@ -126,7 +127,7 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
     for state_id in ("u1", "a.b:c@d-e_f", "x" * 255):
         slots = {
             key_slot(k(state_id).encode())
-            for k in (store.state_key, store.history_key, store.lock_key)
+            for k in (store.state_key, store.history_key, store.lock_key, store.pruned_key)
         }
         assert len(slots) == 1
     assert client.type("statemanager:state:{u1}") == b"string"
@@ -140,7 +141,15 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
     assert client.zrange("statemanager:type:user", 0, -1) == [b"u1"]
     assert client.zrange("statemanager:expiry:session", 0, -1) == [b"s1"]
     assert client.zrange("statemanager:index:user:data.status", 0, -1) == [b"sactive\x00u1"]
-    assert client.lrange("statemanager:log", 0, -1) == [b"u1 1", b"s1 1", b"gone 1", b"gone 2"]
+    # Each log entry names the state, the version and the change id.
+    changes = [
+        (i, c["version"], c["change_id"])
+        for i in ("u1", "s1", "gone")
+        for c in sm.get_state_history(i)
+    ]
+    assert client.lrange("statemanager:log", 0, -1) == [
+        f"{i} {v} {c}".encode() for i, v, c in changes
+    ]
     # Timestamps have one fixed width, so that they compare as strings.
     doc = client.get("statemanager:state:{s1}")
     assert doc is not None
@@ -168,9 +177,10 @@ def test_restore_keeps_the_key_invariants(
     assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
     assert client.pttl("statemanager:state:{gone}") > 0
     assert client.pttl("statemanager:state:{s1}") == -1
+    restored = [c for _, history in saved.values() for c in history]
     assert client.lrange("statemanager:log", 0, -1) == [
-        b"u1 1", b"s1 1", b"s1 2", b"gone 1", b"gone 2"
-    ]  # fmt: skip
+        f"{c['state_id']} {c['version']} {c['change_id']}".encode() for c in restored
+    ]
     # Replacing a live state by a tombstone takes it out of every index.
     gone_state, gone_history = saved["gone"]
     assert gone_state is not None

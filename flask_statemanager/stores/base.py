@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-from ..definitions import TypeDefinition
+from ..definitions import DELETED, TypeDefinition
 from ..errors import StateExistsError, StateValidationError
 from ..query import Query
 from ..records import Change, State
@@ -36,11 +36,16 @@ class Write:
     :param expected_version: the stored version this write replaces; ``0``
         means the id must not exist yet.
     :param change: the history entry, committed with the state.
+    :param limit: set when the write creates a state of a type with a
+        ``max_states``: that maximum. The engine checked it when planning; a
+        store whose lock does not cover other writers of the type (Redis)
+        checks it again as it commits.
     """
 
     state: State
     expected_version: int
     change: Change
+    limit: int | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +72,66 @@ StateRewrite = Callable[[State], State | None]
 #: Given a stored history entry, the entry to store in its place (only
 #: ``old_data`` and ``new_data`` may differ), or ``None`` to leave it.
 ChangeRewrite = Callable[[Change], Change | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What :meth:`Store.prune` removes from the states of one type.
+
+    History is trimmed from its oldest end only: the entries removed from a
+    state are the longest run of its oldest ones that every given rule lets
+    go, and never its newest entry (the change that made the current version).
+    The entries left keep their versions; none is rewritten.
+
+    :param keep_last: keep at least the newest *keep_last* entries of each state.
+    :param keep_since: keep every entry created at or after this time.
+    :param purge_before: remove whole deleted states (the tombstone and every
+        history entry) deleted at or before this time.
+    """
+
+    keep_last: int | None = None
+    keep_since: datetime | None = None
+    purge_before: datetime | None = None
+
+    @property
+    def trims_history(self) -> bool:
+        """Whether a history rule is set (otherwise only purging applies)."""
+        return self.keep_last is not None or self.keep_since is not None
+
+    def removable(self, entries: Sequence[Change]) -> int:
+        """How many of a state's *entries* (oldest first) this retention removes."""
+        if not self.trims_history or not entries:
+            return 0
+        count = len(entries) - 1
+        if self.keep_last is not None:
+            count = min(count, len(entries) - self.keep_last)
+        if self.keep_since is not None:
+            since = self.keep_since
+            old = next((i for i, c in enumerate(entries) if c["created_at"] >= since), count)
+            count = min(count, old)
+        return max(0, count)
+
+    def purges(self, state: State) -> bool:
+        """Whether *state* is a tombstone of a deletion old enough to purge."""
+        return (
+            self.purge_before is not None
+            and state["status"] == DELETED
+            and state["updated_at"] <= self.purge_before
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one batch of :meth:`Store.prune` did (or, in a dry run, would do).
+
+    :param states: how many states of the type the batch examined.
+    :param entries: history entries removed, those of purged states included.
+    :param purged: ids of the deleted states removed whole.
+    """
+
+    states: int
+    entries: int
+    purged: tuple[str, ...] = ()
 
 
 class VersionMismatch(Exception):
@@ -188,6 +253,40 @@ class Store(ABC):
         :raises BackendUnavailableError: the backend does not answer.
         """
         return self.count(), True
+
+    @abstractmethod
+    def count_type(self, type_name: str, limit: int | None = None) -> int:
+        """How many states of *type_name* count against its ``max_states``, up to *limit*.
+
+        Those are the stored states of the type not deleted nor expired by
+        status (one whose TTL passed counts until its expiry is recorded).
+        Counting stops at *limit*, so the cost is bounded by it. Called from
+        inside :meth:`apply`'s plan, under the store's write lock where it
+        has one: a store may then also serialise writers creating states of
+        the type (PostgreSQL takes a transaction advisory lock).
+        """
+
+    @abstractmethod
+    def prune(
+        self,
+        type_name: str,
+        retention: Retention,
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+    ) -> Iterator[Pruned]:
+        """Apply *retention* to every stored state of *type_name*, a batch at a time.
+
+        Yields one :class:`Pruned` per batch of at most *batch_size* states;
+        each batch commits on its own (an interrupted prune keeps what it
+        did, and running it again finishes the work). Concurrent writes are
+        safe: a batch holds the store's lock on its states while it decides
+        and deletes. With *dry_run*, counts what would go and writes nothing.
+        """
+
+    @abstractmethod
+    def type_size(self, type_name: str) -> int:
+        """How many states of *type_name* are stored, tombstones included (prune's work)."""
 
     @abstractmethod
     def check(self) -> dict[str, Any]:

@@ -133,7 +133,17 @@ from ..definitions import TypeDefinition
 from ..errors import BackendUnavailableError, StateManagerError
 from ..query import Query
 from ..records import Change, State, isoformat, utcnow
-from .base import ChangeRewrite, Plan, StateRewrite, Store, Tally, VersionMismatch, Write
+from .base import (
+    ChangeRewrite,
+    Plan,
+    Pruned,
+    Retention,
+    StateRewrite,
+    Store,
+    Tally,
+    VersionMismatch,
+    Write,
+)
 
 logger = logging.getLogger("flask_statemanager")
 
@@ -738,6 +748,31 @@ class CachedStore(Store):
 
     def tally(self) -> Tally:
         return self.inner.tally()
+
+    def count_type(self, type_name: str, limit: int | None = None) -> int:
+        return self.inner.count_type(type_name, limit)
+
+    def type_size(self, type_name: str) -> int:
+        return self.inner.type_size(type_name)
+
+    def prune(
+        self,
+        type_name: str,
+        retention: Retention,
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+    ) -> Iterator[Pruned]:
+        """The store prunes; the entries of the states it purged are deleted.
+
+        A purged id registered again starts over at version 1, and a
+        write-through never replaces a higher version: without the deletion,
+        the cache would go on serving the old tombstone.
+        """
+        for batch in self.inner.prune(type_name, retention, batch_size=batch_size, dry_run=dry_run):
+            if batch.purged and not dry_run:
+                self._invalidate(batch.purged)
+            yield batch
 
     def check(self) -> dict[str, Any]:
         return self.inner.check()

@@ -20,6 +20,8 @@ from ..records import Change, State
 from .base import (
     ChangeRewrite,
     Plan,
+    Pruned,
+    Retention,
     StateRewrite,
     Store,
     VersionMismatch,
@@ -166,6 +168,53 @@ class MemoryStore(Store):
     def count(self) -> int:
         with self._lock:
             return sum(1 for s in self._states.values() if s["status"] not in (DELETED, EXPIRED))
+
+    def count_type(self, type_name: str, limit: int | None = None) -> int:
+        with self._lock:
+            found = sum(
+                1
+                for s in self._states.values()
+                if s["type"] == type_name and s["status"] not in (DELETED, EXPIRED)
+            )
+            return found if limit is None else min(found, limit)
+
+    def type_size(self, type_name: str) -> int:
+        with self._lock:
+            return sum(1 for s in self._states.values() if s["type"] == type_name)
+
+    def prune(
+        self,
+        type_name: str,
+        retention: Retention,
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+    ) -> Iterator[Pruned]:
+        with self._lock:
+            ids = sorted(i for i, s in self._states.items() if s["type"] == type_name)
+        for start in range(0, len(ids), batch_size):
+            entries, purged, removed = 0, [], set[int]()
+            with self._lock:
+                for state_id in ids[start : start + batch_size]:
+                    state = self._states.get(state_id)
+                    if state is None or state["type"] != type_name:
+                        continue  # purged or retyped since the list was taken
+                    history = self._history.get(state_id, [])
+                    if retention.purges(state):
+                        entries += len(history)
+                        purged.append(state_id)
+                        if not dry_run:
+                            del self._states[state_id]
+                            removed.update(map(id, self._history.pop(state_id, [])))
+                        continue
+                    count = retention.removable(history)
+                    entries += count
+                    if count and not dry_run:
+                        removed.update(map(id, history[:count]))
+                        del history[:count]
+                if removed:  # the commit-order log shares the history's entries
+                    self._log = [c for c in self._log if id(c) not in removed]
+            yield Pruned(len(ids[start : start + batch_size]), entries, tuple(purged))
 
     def check(self) -> dict[str, Any]:
         return {"component": "memory", "states": self.count()}

@@ -13,8 +13,12 @@ Every key starts with ``STATEMANAGER_KEY_PREFIX`` (``<prefix>``, default
     compare correctly as strings. Tombstones (deleted or expired states) keep
     theirs for ``tombstone_ttl``, then Redis drops it (see TTL below).
 ``<prefix>:history:{<id>}``
-    list: the change documents, oldest first; entry ``i`` is version ``i + 1``.
-    A state's version is always its history's length. Never expires.
+    list: the change documents, oldest first; entry ``i`` is version
+    ``pruned + i + 1``. A state's version is always its history's length plus
+    its pruned count. Never expires (``flask states prune`` trims it).
+``<prefix>:pruned:{<id>}``
+    string: how many of the oldest history entries ``prune`` removed (absent
+    for none); the scripts add it to the history's length to get the version.
 ``<prefix>:lock:{<id>}``
     string: the token of the writer holding the state (``SET NX PX``).
 
@@ -23,6 +27,11 @@ Shared keys index the live states (status neither deleted nor expired):
 ``<prefix>:type:<type>``
     sorted set: the type's live state ids, scored by ``updated_at`` in
     microseconds, so a type's states list newest first without sorting.
+``<prefix>:tombstones:<type>``
+    sorted set: the type's deleted and expired states, scored by their
+    ``updated_at`` in microseconds (the time they became a tombstone), so
+    ``prune`` finds them without a scan; it also holds tombstones whose
+    document Redis dropped, until they are purged.
 ``<prefix>:expiry:<type>``
     sorted set: those with an ``expires_at``, scored by it in microseconds.
 ``<prefix>:index:<type>:<field>``
@@ -38,7 +47,7 @@ Shared keys index the live states (status neither deleted nor expired):
     hash: type → its declared fields as JSON, ``{"data.status": true}``,
     ``false`` while the index of a newly declared field is being built.
 ``<prefix>:log``
-    list: ``<id> <version>`` per committed change, in commit order, capped at
+    list: ``<id> <version> <change id>`` per committed change, in commit order, capped at
     the 10 000 newest (``get_recent_changes`` reads at most that many).
 
 **Writes**
@@ -124,12 +133,19 @@ import redis
 
 from .. import codec
 from ..definitions import DELETED, EXPIRED, TypeDefinition
-from ..errors import BackendUnavailableError, ConfigurationError, StateValidationError
+from ..errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    StateLimitError,
+    StateValidationError,
+)
 from ..query import Query
 from ..records import Change, State
 from .base import (
     ChangeRewrite,
     Plan,
+    Pruned,
+    Retention,
     StateRewrite,
     Store,
     Tally,
@@ -146,6 +162,7 @@ _SCRIPTS = (
     "define",
     "expired",
     "lock_read",
+    "prune",
     "recent",
     "restore",
     "rewrite",
@@ -230,6 +247,14 @@ class RedisStore(Store):
     def history_key(self, state_id: str) -> str:
         """The key of a state's history list."""
         return f"{self.prefix}:history:{{{state_id}}}"
+
+    def pruned_key(self, state_id: str) -> str:
+        """The key counting the history entries pruned from a state."""
+        return f"{self.prefix}:pruned:{{{state_id}}}"
+
+    def tombstones_key(self, type_name: str) -> str:
+        """The sorted set of a type's deleted and expired states."""
+        return f"{self.prefix}:tombstones:{type_name}"
 
     def lock_key(self, state_id: str) -> str:
         """The key of a state's write lock."""
@@ -341,6 +366,7 @@ class RedisStore(Store):
                     if member is not None:
                         args += [
                             keys.add(self.history_key(state_id)),
+                            keys.add(self.pruned_key(state_id)),
                             state["version"],
                             keys.add(self.index_key(type_name, field)),
                             member,
@@ -478,6 +504,66 @@ class RedisStore(Store):
     def count(self) -> int:
         return int(self._run("count", [self._types_key], [self.prefix]))
 
+    def count_type(self, type_name: str, limit: int | None = None) -> int:
+        with self._redis():
+            found = int(self.client.zcard(self.type_key(type_name)))
+        return found if limit is None else min(found, limit)
+
+    def type_size(self, type_name: str) -> int:
+        with self._redis(), self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.type_key(type_name))
+            pipe.zcard(self.tombstones_key(type_name))
+            return sum(int(n) for n in pipe.execute())
+
+    def prune(
+        self,
+        type_name: str,
+        retention: Retention,
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+    ) -> Iterator[Pruned]:
+        """Walk the type's live and tombstone sets with ``ZSCAN``; one script per batch.
+
+        Tombstones stored before this store kept its tombstone sets are not
+        in them, so they are not purged.
+        """
+        rule = codec.dumps(
+            [
+                type_name,
+                retention.keep_last or False,
+                False if retention.keep_since is None else _stamp(retention.keep_since),
+                False if retention.purge_before is None else _stamp(retention.purge_before),
+                dry_run,
+            ]
+        )
+        for source in (self.type_key(type_name), self.tombstones_key(type_name)):
+            cursor = 0
+            while True:
+                with self._redis():
+                    cursor, found = self.client.zscan(source, cursor, count=batch_size)
+                ids = [_text(cast("bytes | str", member)) for member, _score in found]
+                # A small set comes back whole, whatever COUNT says.
+                for start in range(0, len(ids), batch_size):
+                    yield self._prune_batch(type_name, ids[start : start + batch_size], rule)
+                if cursor == 0:
+                    break
+
+    def _prune_batch(self, type_name: str, ids: Sequence[str], rule: bytes) -> Pruned:
+        keys = [self.tombstones_key(type_name)]
+        for state_id in ids:
+            keys += [
+                self.state_key(state_id),
+                self.history_key(state_id),
+                self.pruned_key(state_id),
+                self.lock_key(state_id),
+            ]
+        keys.append(self._ids_key)
+        reply = self._run("prune", keys, [rule, *ids])
+        purged = tuple(_text(i) for i in reply[1:])
+        self._records.forget(purged)
+        return Pruned(len(ids), int(reply[0]), purged)
+
     def check(self) -> dict[str, Any]:
         with self._redis():
             self.client.ping()
@@ -550,7 +636,7 @@ class RedisStore(Store):
             )
         documents = [_document(state), *(_document(c) for c in changes)]
         tombstone_ms = self._tombstone_ms if state["status"] in _TOMBSTONES else 0
-        entries = [f"{state_id} {c['version']}" for c in changes]
+        entries = [f"{state_id} {c['version']} {c['change_id']}" for c in changes]
         deadline = time.monotonic() + self._lock_wait
         while True:
             with self._redis():
@@ -567,6 +653,7 @@ class RedisStore(Store):
                 self.lock_key(state_id),
                 self._definitions_key,
                 self._log_key,
+                self.pruned_key(state_id),
             ):
                 keys.add(name)
             current = None if raw is None else _state(raw)
@@ -607,6 +694,7 @@ class RedisStore(Store):
             [self.lock_key(i) for i in ids]
             + [self.state_key(i) for i in ids]
             + [self.history_key(i) for i in ids]
+            + [self.pruned_key(i) for i in ids]
         )
         deadline = time.monotonic() + self._lock_wait
         pause = 0.0005
@@ -672,7 +760,8 @@ class RedisStore(Store):
             final[state_id] = state
             document = documents[state_id] = _document(state)
             args += [document, _document(write.change)]
-            entries += [numbers[state_id], write.expected_version, f"{state_id} {state['version']}"]
+            logged = f"{state_id} {state['version']} {write.change['change_id']}"
+            entries += [numbers[state_id], write.expected_version, logged]
         planned: list[Any] = []
         for state_id in ids:
             new_state = final.get(state_id)
@@ -685,6 +774,7 @@ class RedisStore(Store):
                 keys.add(self.state_key(state_id))
                 keys.add(self.history_key(state_id))
                 keys.add(self.lock_key(state_id))
+                keys.add(self.pruned_key(state_id))
             keys.add(self._definitions_key)
             keys.add(self._log_key)
             checks, operations = self._index_operations(rows, final, keys)
@@ -704,6 +794,7 @@ class RedisStore(Store):
                     entries,
                     planned,
                     operations,
+                    self._limits(writes, keys),
                 ]
             )
             try:
@@ -711,6 +802,8 @@ class RedisStore(Store):
             except BackendUnavailableError:
                 self._records.forget(ids)  # the write may or may not have landed
                 raise
+            if isinstance(reply, list) and int(reply[0]) == 0:  # over a max_states
+                raise self._over_limit(writes, int(reply[1]), int(reply[2]))
             if isinstance(reply, list):  # a state is not at its expected version
                 self._records.forget(ids)
                 raise VersionMismatch(ids[int(reply[0]) - 1], int(reply[1]) or None)
@@ -726,6 +819,33 @@ class RedisStore(Store):
             self._definitions = None  # a field was declared meanwhile: plan again
         raise BackendUnavailableError(
             "The index definitions kept changing during a write; retry it.", backend="redis"
+        )
+
+    def _limitations(self, writes: Sequence[Write]) -> dict[str, tuple[int, list[str]]]:
+        """Per type with a ``max_states``: the limit and the ids the writes create in it."""
+        limited: dict[str, tuple[int, list[str]]] = {}
+        for write in writes:
+            state = write.state
+            if write.limit is not None and state["status"] not in _TOMBSTONES:
+                limit, ids = limited.setdefault(state["type"], (write.limit, []))
+                ids.append(state["state_id"])
+        return limited
+
+    def _limits(self, writes: Sequence[Write], keys: _Keys) -> list[Any]:
+        """The commit script's limit checks: type set key number, maximum, created ids."""
+        checks: list[Any] = []
+        for type_name, (limit, ids) in self._limitations(writes).items():
+            checks += [keys.add(self.type_key(type_name)), limit, ids]
+        return checks
+
+    def _over_limit(self, writes: Sequence[Write], number: int, count: int) -> StateLimitError:
+        type_name, (limit, _) = list(self._limitations(writes).items())[number - 1]
+        return StateLimitError(
+            f"Type {type_name!r} may hold at most {limit} states (max_states); another "
+            "writer created one meanwhile. Delete states of this type or raise the limit.",
+            limit="states",
+            value=count,
+            maximum=limit,
         )
 
     def _index_operations(
@@ -772,10 +892,15 @@ class RedisStore(Store):
         Members are ``str``: the commit script takes them in a JSON argument (an
         index member is always valid UTF-8, ``\\0`` travels as ``\\u0000``).
         """
-        if state is None or state["status"] in _TOMBSTONES:
+        if state is None:
             return {}
         type_name = state["type"]
         state_id = state["state_id"]
+        if state["status"] in _TOMBSTONES:
+            # A dropped tombstone's stand-in has no type: it was in a set once.
+            if not type_name:
+                return {}
+            return {(self.tombstones_key(type_name), state_id): _micros(state["updated_at"])}
         entries = {(self.type_key(type_name), state_id): _micros(state["updated_at"])}
         if state["expires_at"] is not None:
             entries[(self.expiry_key(type_name), state_id)] = _micros(state["expires_at"])
@@ -851,7 +976,16 @@ class RedisStore(Store):
         """
         families = tuple(
             f"{self.prefix}:{family}:"
-            for family in ("state", "history", "lock", "type", "expiry", "index")
+            for family in (
+                "state",
+                "history",
+                "lock",
+                "pruned",
+                "type",
+                "tombstones",
+                "expiry",
+                "index",
+            )
         )
         singles = {self._types_key, self._log_key, self._ids_key}
         pattern = _GLOB.sub(r"\\\1", self.prefix) + ":*"

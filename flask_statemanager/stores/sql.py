@@ -16,6 +16,7 @@ expression indexes ``(type, <json expression>, state_id)``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
 from .base import (
     ChangeRewrite,
     Plan,
+    Pruned,
+    Retention,
     StateRewrite,
     Store,
     Tally,
@@ -74,6 +77,9 @@ class SQLStore(Store):
         h = self.history_table
         self._change_columns = [h.c[k if k != "metadata" else "meta"] for k in CHANGE_KEYS]
         self._count_cache: tuple[float, int] | None = None
+        self._retention = _RetentionStatements(engine.dialect, self.states, h, table_prefix)
+        #: The DBAPI connection of the write transaction running in this thread.
+        self._writing = threading.local()
 
     # -- schema -------------------------------------------------------------
 
@@ -358,6 +364,89 @@ class SQLStore(Store):
             )
         return tally
 
+    def count_type(self, type_name: str, limit: int | None = None) -> int:
+        sql = self._retention
+        # No limit: NULL on PostgreSQL, -1 on SQLite.
+        unbounded = None if self._sql.postgres else -1
+        params = {"type": type_name, "limit": unbounded if limit is None else limit}
+        params["lock"] = f"type:{type_name}"
+        raw = getattr(self._writing, "raw", None)
+        if raw is None:
+            return int(self._read(sql.count_type, params)[0][0])
+        if self._sql.postgres:
+            # Creations of one type queue here until the transaction ends, so
+            # the count below sees every committed one: the limit is exact.
+            raw.execute(sql.lock_type, params).fetchall()
+        return int(raw.execute(sql.count_type, params).fetchall()[0][0])
+
+    def type_size(self, type_name: str) -> int:
+        return int(self._read(self._retention.type_size, {"type": type_name})[0][0])
+
+    def prune(
+        self,
+        type_name: str,
+        retention: Retention,
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+    ) -> Iterator[Pruned]:
+        after = ""
+        while True:
+            page = {"type": type_name, "after": after, "limit": batch_size}
+            ids = [row[0] for row in self._read(self._retention.page, page)]
+            if not ids:
+                return
+            yield self._prune_batch(type_name, ids, retention, dry_run)
+            after = ids[-1]
+
+    def _prune_batch(
+        self, type_name: str, ids: Sequence[str], retention: Retention, dry_run: bool
+    ) -> Pruned:
+        """Prune one batch in one transaction, holding the batch's state rows locked."""
+        sql, rsql = self._sql, self._retention
+        entries, purged, trims = 0, [], []
+        with self._raw() as raw:
+            raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
+            try:
+                rows = raw.execute(sql.select_locked, sql.ids(ids)).fetchall()
+                states = [sql.state(row) for row in rows]
+                states = [st for st in states if st["type"] == type_name]
+                oldest = dict(raw.execute(rsql.oldest, sql.ids(ids)).fetchall())
+                recent: dict[str, int] = {}
+                if retention.keep_since is not None:
+                    params = sql.ids(ids) | {"since": sql.time_out(retention.keep_since)}
+                    recent = dict(raw.execute(rsql.oldest_since, params).fetchall())
+                for state in states:
+                    state_id, newest = state["state_id"], state["version"]
+                    first = oldest.get(state_id)
+                    if retention.purges(state):
+                        purged.append(state_id)
+                        entries += 0 if first is None else newest - first + 1
+                        continue
+                    if first is None or not retention.trims_history:
+                        continue
+                    # Versions are contiguous from the oldest kept entry to the newest.
+                    count = newest - first  # the newest entry always stays
+                    if retention.keep_last is not None:
+                        count = min(count, newest - first + 1 - retention.keep_last)
+                    if retention.keep_since is not None:
+                        count = min(count, recent.get(state_id, newest) - first)
+                    if count > 0:
+                        entries += count
+                        trims.append({"state_id": state_id, "cutoff": first + count - 1})
+                if not dry_run:
+                    if trims:
+                        raw.cursor().executemany(rsql.trim, trims)
+                    if purged:
+                        raw.execute(rsql.purge_history, sql.ids(purged))
+                        raw.execute(rsql.purge_states, sql.ids(purged))
+                raw.execute("ROLLBACK" if dry_run else "COMMIT")
+            except BaseException:
+                if raw.info.transaction_status if sql.postgres else raw.in_transaction:
+                    raw.execute("ROLLBACK")
+                raise
+        return Pruned(len(ids), entries, tuple(purged))
+
     def check(self) -> dict[str, Any]:
         with self._connect() as conn:
             conn.execute(sa.text("SELECT 1"))
@@ -386,10 +475,14 @@ class SQLStore(Store):
                         rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
                         found = {row[0]: sql.state(row) for row in rows}
                         heads = {row[0]: row[-1] for row in rows}
-                        writes = plan(
-                            {i: found.get(i) for i in state_ids},
-                            {i: heads.get(i) for i in state_ids},
-                        )
+                        self._writing.raw = raw  # count_type reads inside this transaction
+                        try:
+                            writes = plan(
+                                {i: found.get(i) for i in state_ids},
+                                {i: heads.get(i) for i in state_ids},
+                            )
+                        finally:
+                            self._writing.raw = None
                         wrote = True
                         checks = []
                         for write in writes:
@@ -544,6 +637,43 @@ class SQLStore(Store):
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()
+
+
+class _RetentionStatements:
+    """The SQL of :meth:`SQLStore.count_type` and :meth:`SQLStore.prune`."""
+
+    def __init__(self, dialect: Any, states: sa.Table, history: sa.Table, prefix: str) -> None:
+        postgres = dialect.name == "postgresql"
+        prep = dialect.identifier_preparer
+        s, h = prep.format_table(states), prep.format_table(history)
+
+        def p(name: str) -> str:
+            return f"%({name})s" if postgres else f":{name}"
+
+        in_ids = (
+            "state_id = ANY(%(ids)s)"
+            if postgres
+            else ("state_id IN (SELECT value FROM json_each(:ids))")
+        )
+        # Index (type, status): a bounded count, paid only when a limit is set.
+        self.count_type = (
+            f"SELECT count(*) FROM (SELECT 1 FROM {s} WHERE type = {p('type')} "
+            f"AND status NOT IN ('{DELETED}', '{EXPIRED}') LIMIT {p('limit')}) AS counted"
+        )
+        self.lock_type = f"SELECT pg_advisory_xact_lock(hashtext('{prefix}' || {p('lock')}))"
+        self.type_size = f"SELECT count(*) FROM {s} WHERE type = {p('type')}"
+        self.page = (
+            f"SELECT state_id FROM {s} WHERE type = {p('type')} AND state_id > {p('after')} "
+            f"ORDER BY state_id LIMIT {p('limit')}"
+        )
+        self.oldest = f"SELECT state_id, min(version) FROM {h} WHERE {in_ids} GROUP BY state_id"
+        self.oldest_since = (
+            f"SELECT state_id, min(version) FROM {h} WHERE {in_ids} "
+            f"AND created_at >= {p('since')} GROUP BY state_id"
+        )
+        self.trim = f"DELETE FROM {h} WHERE state_id = {p('state_id')} AND version <= {p('cutoff')}"
+        self.purge_history = f"DELETE FROM {h} WHERE {in_ids}"
+        self.purge_states = f"DELETE FROM {s} WHERE {in_ids}"
 
 
 class _Stale(BackendUnavailableError):

@@ -95,7 +95,8 @@ class Statements:
 
     # -- values ----------------------------------------------------------------
 
-    def _time_out(self, value: datetime | None) -> Any:
+    def time_out(self, value: datetime | None) -> Any:
+        """A timestamp parameter as the driver takes it (SQLite: the fixed text format)."""
         if value is None or self.postgres:
             return value
         return value.astimezone(UTC).strftime(SQLITE_TIME_FORMAT)
@@ -119,9 +120,9 @@ class Statements:
             "data": codec.dumps_str(state["data"]),
             "metadata": codec.dumps_str(state["metadata"]),
             "version": state["version"],
-            "created_at": self._time_out(state["created_at"]),
-            "updated_at": self._time_out(state["updated_at"]),
-            "expires_at": self._time_out(state["expires_at"]),
+            "created_at": self.time_out(state["created_at"]),
+            "updated_at": self.time_out(state["updated_at"]),
+            "expires_at": self.time_out(state["expires_at"]),
         }
         if expected is not None:
             params["expected"] = expected
@@ -139,7 +140,7 @@ class Statements:
             "new_data": None if new is None else codec.dumps_str(new),
             "actor": change["actor"],
             "metadata": codec.dumps_str(change["metadata"]),
-            "created_at": self._time_out(change["created_at"]),
+            "created_at": self.time_out(change["created_at"]),
             "hash": change.get("hash"),
         }
 

@@ -6,13 +6,15 @@
 -- overtakes a queued writer) or is not at the version it was planned from,
 -- and returns 0 instead of a mismatch: the caller reads again under locks.
 --
--- A state's version is the length of its history: every change appends one
--- entry and adds one to the version. So the compare-and-set checks LLEN, which
+-- A state's version is the length of its history plus the number of its
+-- oldest entries pruned (its pruned key, absent for none): every change
+-- appends one entry and adds one to the version, and pruning moves entries
+-- from the list to the count. So the compare-and-set checks that sum, which
 -- also holds for a tombstone whose document Redis already dropped. Every check
 -- runs before the first write, and a script runs alone on the server: the
 -- batch commits whole or not at all.
 --
--- KEYS  for each of the n states: state, history, lock (3n keys); then the
+-- KEYS  for each of the n states: state, history, lock, pruned (4n keys); then the
 --       index definitions hash, the change log, and every index key the
 --       operations below name
 -- ARGV  1: one JSON array (one argument instead of dozens: the client encodes
@@ -25,7 +27,10 @@
 --           version it was planned from (false: not checked, the caller holds
 --           locks),
 --         index operations: per operation 'zadd' | 'zrem' | 'sadd', key number,
---           score, member;
+--           score, member,
+--         limits (max_states): per limited type, its sorted set's key number,
+--           the most live states it may hold, and the ids this batch creates
+--           in it;
 --       then per write: state document, change document
 --
 -- Returns a number (a reply the client parses fastest): 1 committed; 2 a
@@ -35,7 +40,8 @@
 -- written) a state moved on, is locked, or is not at the version it was
 -- planned from. Or {state number, version}: that state is not at its
 -- expected version (nothing written, locks released; optimistic calls
--- return 0 instead).
+-- return 0 instead). Or {0, limit number, count}: the batch would take a
+-- type past its max_states (nothing written, locks released).
 
 local payload = cjson.decode(ARGV[1])
 local token = payload[1]
@@ -47,13 +53,22 @@ local checks = payload[6]
 local writes = payload[7]
 local states = payload[8]
 local ops = payload[9]
+local limits = payload[10]
 local n_writes = #writes / 3
-local definitions = KEYS[3 * n_states + 1]
-local log = KEYS[3 * n_states + 2]
+local definitions = KEYS[4 * n_states + 1]
+local log = KEYS[4 * n_states + 2]
+
+local function pruned(s)
+  return tonumber(redis.call('GET', KEYS[4 * s]) or '0')
+end
+
+local function version_of(s)
+  return redis.call('LLEN', KEYS[4 * s - 2]) + pruned(s)
+end
 
 local function release()
   for s = 1, n_states do
-    local lock = KEYS[3 * s]
+    local lock = KEYS[4 * s - 1]
     if redis.call('GET', lock) == token then
       redis.call('DEL', lock)
     end
@@ -73,14 +88,15 @@ local versions = {}
 for w = 1, n_writes do
   local s = writes[3 * w - 2]
   local expected = writes[3 * w - 1]
-  local history = KEYS[3 * s - 1]
+  local history = KEYS[4 * s - 2]
   local current = versions[s]
   if current == nil then
-    current = redis.call('LLEN', history)
+    current = version_of(s)
   end
   if current ~= expected then
     -- A call resent after a lost reply finds its own first entry in place.
-    if w == 1 and redis.call('LINDEX', history, expected) == ARGV[3] then
+    local at = expected - pruned(s)
+    if w == 1 and at >= 0 and redis.call('LINDEX', history, at) == ARGV[3] then
       return 2
     end
     if optimistic then
@@ -98,14 +114,31 @@ end
 if optimistic then
   for s = 1, n_states do
     local planned = states[2 * s]
-    if versions[s] == nil and planned ~= false
-        and redis.call('LLEN', KEYS[3 * s - 1]) ~= planned then
+    if versions[s] == nil and planned ~= false and version_of(s) ~= planned then
       return 0
     end
-    local holder = redis.call('GET', KEYS[3 * s])
+    local holder = redis.call('GET', KEYS[4 * s - 1])
     if holder and holder ~= token then
       return 0
     end
+  end
+end
+
+-- 2c. Types with a max_states stay within it: a script runs alone, so the
+--     count is exact whatever other writers do.
+for l = 1, #limits, 3 do
+  local key = KEYS[limits[l]]
+  local count = redis.call('ZCARD', key)
+  for _, id in ipairs(limits[l + 2]) do
+    if not redis.call('ZSCORE', key, id) then
+      count = count + 1
+    end
+  end
+  if count > limits[l + 1] then
+    if not optimistic then
+      release()
+    end
+    return {0, (l + 2) / 3, count}
   end
 end
 
@@ -114,8 +147,8 @@ end
 local logged = 0
 for w = 1, n_writes do
   local s = writes[3 * w - 2]
-  redis.call('SET', KEYS[3 * s - 2], ARGV[2 * w])
-  redis.call('RPUSH', KEYS[3 * s - 1], ARGV[2 * w + 1])
+  redis.call('SET', KEYS[4 * s - 3], ARGV[2 * w])
+  redis.call('RPUSH', KEYS[4 * s - 2], ARGV[2 * w + 1])
   logged = redis.call('RPUSH', log, writes[3 * w])
 end
 if logged > log_length + log_length / 10 then
@@ -127,7 +160,7 @@ end
 if tombstone_ttl > 0 then
   for s = 1, n_states do
     if states[2 * s - 1] then
-      redis.call('PEXPIRE', KEYS[3 * s - 2], tombstone_ttl)
+      redis.call('PEXPIRE', KEYS[4 * s - 3], tombstone_ttl)
     end
   end
 end

@@ -4,16 +4,18 @@
 -- hold one lock each while waiting for the other's: there is no lock order to
 -- get wrong. A lock already holding this token (a retried call) counts as ours.
 --
--- KEYS  n lock keys, then the n state keys, then the n history keys
+-- KEYS  n lock keys, then the n state keys, then the n history keys, then
+--       the n pruned keys
 -- ARGV  token, lock time-to-live in milliseconds
 --
 -- Returns {1, document or nil, version, last change or nil, ...} with the
--- locks taken, where the version is the history's length and the last change
--- is the newest history entry (the new entries chain to its hash; for a
--- tombstone whose document Redis already dropped, it also stands in for it);
--- or {0, i} when lock i belongs to another writer.
+-- locks taken, where the version is the history's length plus the number of
+-- entries pruned from it (see commit.lua), and the last change is the newest
+-- history entry (the new entries chain to its hash; for a tombstone whose
+-- document Redis already dropped, it also stands in for it); or {0, i} when
+-- lock i belongs to another writer.
 
-local n = #KEYS / 3
+local n = #KEYS / 4
 local token = ARGV[1]
 
 for i = 1, n do
@@ -28,9 +30,10 @@ for i = 1, n do
   redis.call('SET', KEYS[i], token, 'PX', ARGV[2])
   local history = KEYS[2 * n + i]
   local document = redis.call('GET', KEYS[n + i])
-  local version = redis.call('LLEN', history)
+  local length = redis.call('LLEN', history)
+  local version = length + tonumber(redis.call('GET', KEYS[3 * n + i]) or '0')
   local last = false
-  if version > 0 then
+  if length > 0 then
     last = redis.call('LINDEX', history, -1)
   end
   out[#out + 1] = document

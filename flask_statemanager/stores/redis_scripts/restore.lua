@@ -3,12 +3,12 @@
 -- Not a change: the documents are written as they come, versions and ids
 -- included. The store's invariants hold afterwards as after a commit: the
 -- version is the history's length (the caller checked the history is versions
--- 1 to n), the state is in its type's, expiry and declared-field indexes while
+-- 1 to n; a pruned count left by an earlier life is dropped), the state is in its type's, expiry and declared-field indexes while
 -- live, a tombstone expires after the tombstone time-to-live, and the change
 -- log lists the restored changes. Checks run before the first write.
 --
--- KEYS  state, history, lock, index definitions hash, change log, then every
---       index key the operations name
+-- KEYS  state, history, lock, index definitions hash, change log, pruned count,
+--       then every index key the operations name
 -- ARGV  1: one JSON array of
 --         the history length the caller read (and planned the index removals
 --           from), true to replace what is stored, the tombstone time-to-live
@@ -48,7 +48,7 @@ if not replace and (length > 0 or redis.call('EXISTS', KEYS[1]) == 1) then
   return 0
 end
 
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[6])
 redis.call('SET', KEYS[1], ARGV[2])
 if tombstone_ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], tombstone_ttl)
