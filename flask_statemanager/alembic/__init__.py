@@ -66,7 +66,8 @@ _DEFAULT_PREFIX: str = DEFAULTS["STATEMANAGER_TABLE_PREFIX"]
 class SchemaUpgrade:
     """What :func:`upgrade` did."""
 
-    #: The revision found, ``None`` for a database without the tables.
+    #: The revision found: ``None`` for a database without the tables,
+    #: :data:`BASELINE` for adopted ones.
     before: str | None
     #: The revision now recorded (the head).
     after: str
@@ -143,29 +144,31 @@ def upgrade(
     head = head_revision()
     tables = set(sa.inspect(connection).get_table_names())
     states = f"{prefix}states"
-    before = current_revision(connection, prefix) if version_table(prefix) in tables else None
-    adopt = before is None and states in tables
-    stale = before is not None and states not in tables
-    if before is not None and not stale:
-        _check_known(before)
+    found = current_revision(connection, prefix) if version_table(prefix) in tables else None
+    adopt = found is None and states in tables
+    stale = found is not None and states not in tables
+    if found is not None and not stale:
+        _check_known(found)
+    # The revision the tables are really at: None means no tables.
+    start = BASELINE if adopt else None if stale else found
+    result = SchemaUpgrade(start, head, adopt)
     if sql is not None:
         connection.rollback()
         offline = config(prefix, dialect_name=connection.dialect.name, output=sql)
-        start = BASELINE if adopt else None if stale else before
         if adopt:
             command.stamp(offline, BASELINE, sql=True)
         if start != head:
             command.upgrade(offline, f"{start}:head" if start else "head", sql=True)
-        return SchemaUpgrade(before, head, adopt)
+        return result
     online = config(prefix, connection=connection)
     if adopt:
         command.stamp(online, BASELINE)
     elif stale:
         command.stamp(online, "base")
-    if before != head:
+    if start != head:
         command.upgrade(online, "head")
     connection.commit()
-    return SchemaUpgrade(before, head, adopt)
+    return result
 
 
 def _lock(connection: Connection, prefix: str) -> None:
