@@ -331,7 +331,7 @@ def test_include_name_hides_only_the_packages_tables(tmp_path: Path) -> None:
 
 # -- Flask-Migrate, for real ----------------------------------------------------
 
-APP_MODULE = '''
+APP_MODULE = """
 import os
 
 from flask import Flask
@@ -359,7 +359,7 @@ def create_app():
     migrate.init_app(app, db, directory=os.environ["APP_MIGRATIONS"], **hooks)
     state_manager.init_app(app)
     return app
-'''
+"""
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -433,3 +433,10 @@ def test_flask_migrate_app_sees_no_conflict(tmp_path: Path, app_database: str) -
             sa.inspect(conn).get_table_names()
         )
     engine.dispose()
+
+
+def test_start_up_check_agrees_with_alembic_on_the_newest_revision() -> None:
+    """Start-up reads the newest revision from file names (NNNN_slug.py), without Alembic."""
+    from flask_statemanager.alembic import _newest_file
+
+    assert _newest_file() == head_revision()
