@@ -105,6 +105,9 @@ def config(
     cfg.set_main_option("script_location", SCRIPT_LOCATION)
     # New revisions are named 0002_<slug>.py (the revision id comes first).
     cfg.set_main_option("file_template", "%%(rev)s_%%(slug)s")
+    # Generated revisions name tables with the prefix (registered in env.py).
+    cfg.set_section_option("post_write_hooks", "hooks", "statemanager_prefix")
+    cfg.set_section_option("post_write_hooks", "statemanager_prefix.type", "statemanager_prefix")
     cfg.attributes.update(
         table_prefix=prefix, connection=connection, dialect_name=dialect_name, output=output
     )

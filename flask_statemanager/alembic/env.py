@@ -10,10 +10,13 @@ types rendered as the portable types the revisions use.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
+from alembic.script import write_hooks
 
 from flask_statemanager.alembic import owned_tables, version_table
 from flask_statemanager.stores.sql_tables import JSONDocument, UTCDateTime, make_tables
@@ -30,6 +33,19 @@ def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str |
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
     return False
+
+
+@write_hooks.register("statemanager_prefix")
+def _prefix_names(filename: str, options: Any) -> None:
+    """In a generated revision, write the scratch database's table names with ``prefix``.
+
+    ``'statemanager_history'`` becomes ``f"{prefix}history"`` and
+    ``'ix_statemanager_states_x'`` ``f"ix_{prefix}states_x"``, so the revision
+    serves every ``STATEMANAGER_TABLE_PREFIX``.
+    """
+    path = Path(filename)
+    quoted = re.compile(r"(['\"])(ix_|uq_)?" + re.escape(prefix) + r"(\w*)\1")
+    path.write_text(quoted.sub(r'f"\2{prefix}\3"', path.read_text()))
 
 
 def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-${imports if imports else ""}
+% if imports:
+${imports}
+% endif
+
 from flask_statemanager.alembic import table_prefix
 
 revision = ${repr(up_revision)}
