@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import codec
+from .audit import seal
 from .definitions import DELETED, EXPIRED, TypeDefinition, builtin_types
 from .errors import (
     StateConflictError,
@@ -206,7 +207,7 @@ def commit(
     committed: list[tuple[Write, State | None]] = []
     outcomes: list[Outcome] = []
 
-    def plan(rows: Mapping[str, State | None]) -> list[Write]:
+    def plan(rows: Mapping[str, State | None], heads: Mapping[str, str | None]) -> list[Write]:
         committed.clear()
         outcomes.clear()
         now = utcnow()
@@ -222,6 +223,7 @@ def commit(
             committed.extend(writes)
             current[op.state_id] = writes[-1][0].state
             outcomes.append(writes[-1][0].state)
+        seal([w.change for w, _ in committed], heads)
         return [w for w, _ in committed]
 
     for attempt in range(attempts):
@@ -362,6 +364,7 @@ def _prepare(
         actor=actor,
         metadata={"from_status": status, "to_status": new_status, **(proposal.note or {})},
         created_at=now,
+        hash=None,  # sealed with the batch, see audit.seal
     )
     return state, change
 
@@ -394,6 +397,7 @@ def expiry_write(row: State, now: datetime) -> Write:
         actor=TTL_ACTOR,
         metadata={"from_status": row["status"], "to_status": EXPIRED, "reason": "ttl"},
         created_at=now,
+        hash=None,  # sealed by the caller's plan, see audit.seal
     )
     return Write(state, row["version"], change)
 
@@ -402,12 +406,13 @@ def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
     """Record the TTL expiry of a state; ``None`` if it is not due (or another worker did it)."""
     committed: list[tuple[Write, State | None]] = []
 
-    def plan(rows: Mapping[str, State | None]) -> list[Write]:
+    def plan(rows: Mapping[str, State | None], heads: Mapping[str, str | None]) -> list[Write]:
         committed.clear()  # a store may plan again from a fresher read
         row, now = rows[state_id], utcnow()
         if row is None or not needs_expiry(row, now):
             return []
         committed.append((expiry_write(row, now), row))
+        seal([committed[0][0].change], heads)
         return [committed[0][0]]
 
     try:

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import mutations
+from . import audit, mutations
+from .audit import BrokenLink
 from .definitions import (
     DEFAULT_LIFECYCLE,
     DELETED,
@@ -241,6 +242,29 @@ class StateOperations:
         check_state_id(state_id)
         with self._operation("get_state_history", state_id) as runtime:
             return runtime.store.history(state_id)
+
+    def verify_history(self, state_id: str | None = None) -> Iterator[BrokenLink | str]:
+        """Check the tamper-evident hash chain of one state's history, or of all.
+
+        Walks every state that has history (deleted ones included), a page at
+        a time, and yields each state's id once it is checked, or a
+        :class:`~flask_statemanager.audit.BrokenLink` naming the first entry
+        whose hash does not follow from the entry before it (or a state record
+        that does not match its newest entry). ``flask states verify`` prints
+        them; see :mod:`flask_statemanager.audit`.
+        """
+        if state_id is not None:
+            check_state_id(state_id)
+        store = self._runtime().store.primary  # the records themselves, not a cache
+        after: str | None = None
+        while True:
+            batch = [state_id] if state_id is not None else store.state_ids(after, 500)
+            for current in batch:
+                broken = audit.verify(current, store.history(current), store.get(current))
+                yield current if broken is None else broken
+            if state_id is not None or not batch:
+                return
+            after = batch[-1]
 
     def get_recent_changes(self, state_id: str | None = None, limit: int = 10) -> list[Change]:
         """The newest changes, of one state or of all states, newest first."""

@@ -38,6 +38,7 @@ CHANGE_KEYS = (
     "actor",
     "metadata",
     "created_at",
+    "hash",
 )
 
 
@@ -182,7 +183,7 @@ class State(dict[str, Any]):
 class Change(dict[str, Any]):
     """A history entry: a ``dict`` with the keys ``change_id``, ``state_id``,
     ``version``, ``transition``, ``old_data``, ``new_data``, ``actor``,
-    ``metadata`` and ``created_at``, readable as attributes too.
+    ``metadata``, ``created_at`` and ``hash``, readable as attributes too.
     """
 
     __slots__ = ()
@@ -231,6 +232,11 @@ class Change(dict[str, Any]):
     def created_at(self) -> datetime:
         """When the change was committed, UTC."""
         return self["created_at"]  # type: ignore[no-any-return]
+
+    @property
+    def hash(self) -> str | None:
+        """SHA-256 of this entry chained to the one before it (see :mod:`.audit`)."""
+        return self["hash"]  # type: ignore[no-any-return]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready copy with ISO-8601 timestamps."""

@@ -7,6 +7,7 @@ error types, and that nothing is written when an operation is refused.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import marshmallow
+import orjson
 import pytest
 from flask import Flask
 
@@ -327,6 +329,50 @@ class StoreContract:
         assert [c["version"] for c in suspensions] == [3, 5]
         assert all(c["change_id"] for c in suspensions)
         assert len({c["change_id"] for c in sm.get_state_history("a")}) == 5
+
+    # -- tamper-evident history -----------------------------------------------------------
+
+    def test_every_entry_is_chained_to_the_one_before(self, sm: StateManager) -> None:
+        sm.register_state("a", "user", user(n=1.5, neg=-0.0, big=1e20, text="é ☃"))
+        sm.transition("a", "activate", data={"n": 2})
+        sm.patch_state("a", {"m": [1, {"x": None}]})
+        with sm.transaction() as tx:
+            tx.update_state("a", user(n=3))
+            tx.update_state("a", user(n=4))
+            tx.register_state("b", "user", user(n=0))
+        sm.delete_state("b")
+        sm.register_state("b", "user", user(n=9), ttl=0.05)
+        time.sleep(0.1)
+        assert sm.get_state("b") is None  # the expiry is recorded on read
+        sm.rollback("a", 2)
+        for state_id, length in (("a", 6), ("b", 4)):
+            history = sm.get_state_history(state_id)
+            assert len(history) == length
+            previous = ""
+            for change in history:  # recomputed here, independently of audit.verify
+                body = {k: v for k, v in change.to_json().items() if k != "hash"}
+                canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS).replace(
+                    b'"neg":-0.0', b'"neg":0.0'
+                )
+                digest = hashlib.sha256(previous.encode() + b"\n" + canonical).hexdigest()
+                assert change["hash"] == change.hash == digest, change
+                previous = digest
+        assert sorted(sm.verify_history()) == ["a", "b"]
+        assert list(sm.verify_history("a")) == ["a"]
+
+    def test_verify_walks_every_state_that_has_history(self, sm: StateManager) -> None:
+        ids = [f"s{i:04d}" for i in range(1205)]
+        for start in range(0, len(ids), 200):
+            outcome = sm.bulk_register(
+                [
+                    {"state_id": i, "state_type": "user", "initial_data": user(n=n)}
+                    for n, i in enumerate(ids[start : start + 200], start)
+                ]
+            )
+            assert outcome.ok
+        sm.delete_state("s0003")
+        assert list(sm.verify_history()) == ids  # in id order, deleted ones included
+        assert list(sm.verify_history("nobody")) == ["nobody"]  # no history: nothing to break
 
     # -- bulk_get ------------------------------------------------------------------------
 

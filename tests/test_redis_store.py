@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from flask_statemanager import BackendUnavailableError, StateManager
+from flask_statemanager.audit import seal
 from flask_statemanager.query import COLUMNS, matches, parse_conditions
 from flask_statemanager.records import State
 from flask_statemanager.stores.base import Write
@@ -116,8 +117,10 @@ def test_key_scheme(sm: StateManager, store: RedisStore, client: redis.Redis) ->
         "statemanager:index:user:data.status",
         "statemanager:indexes",
         "statemanager:types",
+        "statemanager:ids",
         "statemanager:log",
     }
+    assert client.zrange("statemanager:ids", 0, -1) == [b"gone", b"s1", b"u1"]
     assert store.state_key("u1") == "statemanager:state:{u1}"
     # One state's keys share a Cluster slot through the {id} hash tag.
     for state_id in ("u1", "a.b:c@d-e_f", "x" * 255):
@@ -315,13 +318,15 @@ def test_a_resent_commit_is_recognised(sm: StateManager, store: RedisStore) -> N
     sm.register_state("u1", "user", user(n=1))
     seen: dict[str, Any] = {}
 
-    def plan(rows: Mapping[str, State | None]) -> list[Write]:
+    def plan(rows: Mapping[str, State | None], heads: Mapping[str, str | None]) -> list[Write]:
         seen.update(rows)
         row = rows["u1"]
         assert row is not None
         from flask_statemanager.engine import expiry_write
 
-        return [expiry_write(row, row["updated_at"] + timedelta(seconds=1))]
+        write = expiry_write(row, row["updated_at"] + timedelta(seconds=1))
+        seal([write.change], heads)
+        return [write]
 
     writes = store.apply(["u1"], plan)
     store._commit(["u1"], seen, writes, "another token")  # as a resent EVALSHA would

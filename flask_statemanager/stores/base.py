@@ -42,8 +42,9 @@ class Write:
     change: Change
 
 
-#: Given the stored rows (``None`` for absent ids), returns the writes to commit.
-Plan = Callable[[Mapping[str, State | None]], Sequence[Write]]
+#: Given the stored rows (``None`` for absent ids) and each state's newest
+#: history hash (``None``: no history), returns the writes to commit.
+Plan = Callable[[Mapping[str, State | None], Mapping[str, str | None]], Sequence[Write]]
 
 
 class VersionMismatch(Exception):
@@ -67,6 +68,11 @@ class Store(ABC):
     #: Lives with the app (SQLite file, memory): schema is created at ``init_app``.
     embedded: bool = False
 
+    @property
+    def primary(self) -> Store:
+        """The store that holds the records, behind any cache (checks read it)."""
+        return self
+
     @abstractmethod
     def setup(self, types: Iterable[TypeDefinition]) -> None:
         """Create what the store needs (tables, declared indexes); idempotent."""
@@ -81,7 +87,10 @@ class Store(ABC):
 
     @abstractmethod
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
-        """Read *state_ids*, call ``plan(rows)``, and commit the writes it returns.
+        """Read *state_ids*, call ``plan(rows, heads)``, and commit the writes it returns.
+
+        *heads* are the ``hash`` of each state's newest history entry, read
+        with the rows: the engine chains the new entries to them.
 
         Each write is a compare-and-set of its state plus the append of its
         history entry; all of them commit together or not at all. An exception
@@ -109,6 +118,14 @@ class Store(ABC):
     @abstractmethod
     def expired(self, now: datetime, limit: int) -> list[State]:
         """Up to *limit* records whose TTL passed but whose expiry is not recorded yet."""
+
+    @abstractmethod
+    def state_ids(self, after: str | None, limit: int) -> list[str]:
+        """Up to *limit* ids of states that have history, in id order, after *after*.
+
+        Deleted and expired states are included: this walks everything stored,
+        for maintenance (``flask states verify``), a page at a time.
+        """
 
     @abstractmethod
     def count(self) -> int:

@@ -708,6 +708,13 @@ class CachedStore(Store):
     def expired(self, now: datetime, limit: int) -> list[State]:
         return self.inner.expired(now, limit)
 
+    @property
+    def primary(self) -> Store:
+        return self.inner
+
+    def state_ids(self, after: str | None, limit: int) -> list[str]:
+        return self.inner.state_ids(after, limit)
+
     def count(self) -> int:
         return self.inner.count()
 

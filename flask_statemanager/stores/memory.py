@@ -58,7 +58,11 @@ class MemoryStore(Store):
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
         # One lock from read to commit: writers queue, as on a locking database.
         with self._lock:
-            writes = plan({i: self.get(i) for i in state_ids})
+            heads: dict[str, str | None] = {}
+            for i in state_ids:
+                changes = self._history.get(i)
+                heads[i] = changes[-1]["hash"] if changes else None
+            writes = plan({i: self.get(i) for i in state_ids}, heads)
             # Check every compare-and-set first (later writes of the same state in
             # one batch build on earlier ones), then apply: all or nothing.
             versions: dict[str, int] = {}
@@ -120,6 +124,11 @@ class MemoryStore(Store):
                 if s.is_expired(now) and s["status"] not in (DELETED, EXPIRED)
             ]
             return due[:limit]
+
+    def state_ids(self, after: str | None, limit: int) -> list[str]:
+        with self._lock:
+            ids = sorted(i for i in self._history if after is None or i > after)
+        return ids[:limit]
 
     def count(self) -> int:
         with self._lock:

@@ -31,6 +31,9 @@ Shared keys index the live states (status neither deleted nor expired):
     equality lookups are lexicographic range queries.
 ``<prefix>:types``
     set: the types that have had states.
+``<prefix>:ids``
+    sorted set, all scores 0: every state id that has history, deleted ones
+    included, for maintenance walks (``flask states verify``).
 ``<prefix>:indexes``
     hash: type → its declared fields as JSON, ``{"data.status": true}``,
     ``false`` while the index of a newly declared field is being built.
@@ -140,6 +143,8 @@ _SCRIPTS = (
 #: Changes kept in the change log: ``get_recent_changes`` reads at most this many.
 _LOG_LENGTH = 10_000
 _TOMBSTONES = (DELETED, EXPIRED)
+#: A remembered record whose history head is not known (never a SHA-256 hex digest).
+_UNKNOWN_HEAD = "?"
 #: Columns a ``__contains`` can never match (only strings and arrays contain).
 _NOT_TEXT = frozenset({"version", "created_at", "updated_at", "expires_at"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -197,6 +202,8 @@ class RedisStore(Store):
         #: Each type's index definition as stored (raw JSON), loaded on first write.
         self._definitions: dict[str, str] | None = None
         self._types_key = f"{prefix}:types"
+        #: Every state id that has history (score 0, ordered by id), for maintenance walks.
+        self._ids_key = f"{prefix}:ids"
         self._log_key = f"{prefix}:log"
         self._definitions_key = f"{prefix}:indexes"
         #: The last document of each state this process read or committed.
@@ -340,7 +347,7 @@ class RedisStore(Store):
             self._records.forget((state_id,))
             return None
         state = _state(raw)
-        self._records.put(state_id, state["version"], raw)
+        self._records.put(state_id, state["version"], raw, _UNKNOWN_HEAD)
         return state
 
     def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
@@ -353,7 +360,7 @@ class RedisStore(Store):
         for state_id, raw in zip(state_ids, raws, strict=True):
             if raw is not None:
                 state = found[state_id] = _state(raw)
-                put(state_id, state["version"], raw)
+                put(state_id, state["version"], raw, _UNKNOWN_HEAD)
         return found
 
     def query(self, query: Query) -> tuple[list[State], int]:
@@ -418,6 +425,12 @@ class RedisStore(Store):
         due = (_state(raw) for raw in raws if raw is not None)
         return [s for s in due if s["status"] not in _TOMBSTONES and s.is_expired(now)]
 
+    def state_ids(self, after: str | None, limit: int) -> list[str]:
+        start = "-" if after is None else f"({after}"
+        with self._redis():
+            ids = self.client.zrangebylex(self._ids_key, start, "+", start=0, num=limit)
+        return [_text(i) for i in ids]
+
     def count(self) -> int:
         return int(self._run("count", [self._types_key], [self.prefix]))
 
@@ -437,10 +450,10 @@ class RedisStore(Store):
                 return writes
             self._records.forget(ids)
         token = uuid.uuid4().hex
-        rows = self._lock_and_read(ids, token)
+        rows, heads = self._lock_and_read(ids, token)
         released = False
         try:
-            writes = plan({i: rows[i] for i in state_ids})
+            writes = plan({i: rows[i] for i in state_ids}, {i: heads[i] for i in state_ids})
             if writes:
                 self._commit(ids, rows, writes, token)
                 released = True  # the commit script released the locks
@@ -453,7 +466,7 @@ class RedisStore(Store):
         self,
         ids: Sequence[str],
         state_ids: Sequence[str],
-        known: Mapping[str, bytes | str],
+        known: Mapping[str, tuple[bytes | str, str | None]],
         plan: Plan,
     ) -> Sequence[Write] | None:
         """Plan from the record cache and commit in one round trip, or ``None``.
@@ -463,9 +476,9 @@ class RedisStore(Store):
         nothing (which a stale record could explain, so only a fresh read may
         say so).
         """
-        rows: dict[str, State | None] = {i: _state(raw) for i, raw in known.items()}
+        rows: dict[str, State | None] = {i: _state(raw) for i, (raw, _) in known.items()}
         try:
-            writes = plan({i: rows[i] for i in state_ids})
+            writes = plan({i: rows[i] for i in state_ids}, {i: known[i][1] for i in state_ids})
         except Exception:  # noqa: BLE001 - planned from a record that may be stale
             return None
         if not writes:
@@ -476,8 +489,13 @@ class RedisStore(Store):
             return None
         return writes
 
-    def _lock_and_read(self, ids: Sequence[str], token: str) -> dict[str, State | None]:
-        """Lock every state in *ids* (waiting for other writers) and read them."""
+    def _lock_and_read(
+        self, ids: Sequence[str], token: str
+    ) -> tuple[dict[str, State | None], dict[str, str | None]]:
+        """Lock every state in *ids* (waiting for other writers) and read them.
+
+        Returns the rows and the hash of each state's newest history entry.
+        """
         keys = (
             [self.lock_key(i) for i in ids]
             + [self.state_key(i) for i in ids]
@@ -499,16 +517,19 @@ class RedisStore(Store):
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 2, 0.004)
         rows: dict[str, State | None] = {}
+        heads: dict[str, str | None] = {}
         for n, state_id in enumerate(ids):
             raw, version, last = reply[1 + 3 * n : 4 + 3 * n]
+            change = _change(last) if last is not None else None
+            heads[state_id] = change.get("hash") if change is not None else None
             if raw is not None:
                 rows[state_id] = _state(raw)
-                self._records.put(state_id, int(version), raw)
+                self._records.put(state_id, int(version), raw, heads[state_id])
             elif int(version) > 0:
-                rows[state_id] = _dropped_tombstone(state_id, int(version), last)
+                rows[state_id] = _dropped_tombstone(state_id, int(version), change)
             else:
                 rows[state_id] = None
-        return rows
+        return rows, heads
 
     def _unlock(self, ids: Sequence[str], token: str) -> None:
         try:
@@ -560,6 +581,9 @@ class RedisStore(Store):
             keys.add(self._definitions_key)
             keys.add(self._log_key)
             checks, operations = self._index_operations(rows, final, keys)
+            for write in writes:
+                if write.expected_version == 0:  # a state's first entry
+                    operations += ["zadd", keys.add(self._ids_key), 0, write.state["state_id"]]
             # Everything but the documents in one JSON argument: redis-py encodes
             # each argument on its own, and that dominated the client's cost.
             args[0] = codec.dumps(
@@ -584,8 +608,11 @@ class RedisStore(Store):
                 self._records.forget(ids)
                 raise VersionMismatch(ids[int(reply[0]) - 1], int(reply[1]) or None)
             if reply > 0:  # committed, now or by an earlier try of this call
+                heads = {w.state["state_id"]: w.change["hash"] for w in writes}
                 for state_id, document in documents.items():
-                    self._records.put(state_id, final[state_id]["version"], document)
+                    self._records.put(
+                        state_id, final[state_id]["version"], document, heads[state_id]
+                    )
                 return
             if reply == 0:
                 raise _Stale
@@ -665,7 +692,7 @@ class RedisStore(Store):
             f"{self.prefix}:{family}:"
             for family in ("state", "history", "lock", "type", "expiry", "index")
         )
-        singles = {self._types_key, self._log_key}
+        singles = {self._types_key, self._log_key, self._ids_key}
         pattern = _GLOB.sub(r"\\\1", self.prefix) + ":*"
         with self._redis():
             doomed: list[Any] = []
@@ -693,32 +720,35 @@ class _Stale(Exception):
 class _Records:
     """A bounded, thread-safe LRU of each state's last known document, by id.
 
-    Holds the encoded document (immutable bytes) and its version; every use
-    decodes a fresh copy. A record never makes a read wrong: only
-    :meth:`RedisStore.apply` plans from it, and the commit's compare-and-set
-    refuses a plan made from a stale one.
+    Holds the encoded document (immutable bytes), its version and the hash
+    of its history entry (the head the next entry chains to; a read does not
+    learn it, a write or a locked read does); every use decodes a fresh copy.
+    A record never makes a read wrong: only :meth:`RedisStore.apply` plans from
+    it, and the commit's compare-and-set refuses a plan made from a stale one.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[str, tuple[int, bytes | str]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, bytes | str, str | None]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def recall(self, state_ids: Sequence[str]) -> dict[str, bytes | str] | None:
-        """The documents of *state_ids*, or ``None`` unless every one is known."""
-        found: dict[str, bytes | str] = {}
+    def recall(self, state_ids: Sequence[str]) -> dict[str, tuple[bytes | str, str | None]] | None:
+        """The documents and history heads of *state_ids*, or ``None`` unless
+        every one is known."""
+        found: dict[str, tuple[bytes | str, str | None]] = {}
         with self._lock:
             items = self._items
             for state_id in state_ids:
                 item = items.get(state_id)
-                if item is None:
+                if item is None or item[2] == _UNKNOWN_HEAD:
                     return None
                 items.move_to_end(state_id)
-                found[state_id] = item[1]
+                found[state_id] = item[1], item[2]
         return found
 
-    def put(self, state_id: str, version: int, document: bytes | str) -> None:
-        """Remember *document* unless a newer version of the state is known."""
+    def put(self, state_id: str, version: int, document: bytes | str, head: str | None) -> None:
+        """Remember *document* and the hash of its history entry (*head*,
+        ``_UNKNOWN_HEAD`` from a plain read) unless a newer version is known."""
         if self._size <= 0:
             return
         with self._lock:
@@ -727,8 +757,10 @@ class _Records:
             if known is not None:
                 if known[0] > version:
                     return
+                if head == _UNKNOWN_HEAD and known[0] == version:
+                    head = known[2]
                 items.move_to_end(state_id)
-            items[state_id] = (version, document)
+            items[state_id] = (version, document, head)
             if len(items) > self._size:
                 items.popitem(last=False)
 
@@ -797,13 +829,12 @@ def _change(raw: bytes | str) -> Change:
     return Change.from_json(codec.loads(raw))
 
 
-def _dropped_tombstone(state_id: str, version: int, last: bytes | str | None) -> State:
+def _dropped_tombstone(state_id: str, version: int, change: Change | None) -> State:
     """Stand-in for a tombstone whose document Redis dropped, from its last change.
 
     Only the engine's plan sees it (reads return ``None``); all a plan takes from
     a tombstone is its version, so a new registration goes on from there.
     """
-    change = _change(last) if last is not None else None
     status = change["metadata"].get("to_status") if change else None
     when = change["created_at"] if change else _EPOCH
     return State.from_columns(

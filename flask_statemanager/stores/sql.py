@@ -255,6 +255,14 @@ class SQLStore(Store):
             rows = conn.execute(stmt.order_by(h.c.version)).all()
         return [_change(r) for r in rows]
 
+    def state_ids(self, after: str | None, limit: int) -> list[str]:
+        s = self.states
+        stmt = sa.select(s.c.state_id).order_by(s.c.state_id).limit(limit)
+        if after is not None:
+            stmt = stmt.where(s.c.state_id > after)
+        with self._connect() as conn:
+            return list(conn.execute(stmt).scalars())
+
     def recent_changes(self, state_id: str | None, limit: int) -> list[Change]:
         h = self.history_table
         stmt = sa.select(*self._change_columns)
@@ -313,7 +321,11 @@ class SQLStore(Store):
                         raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
                         rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
                         found = {row[0]: sql.state(row) for row in rows}
-                        writes = plan({i: found.get(i) for i in state_ids})
+                        heads = {row[0]: row[-1] for row in rows}
+                        writes = plan(
+                            {i: found.get(i) for i in state_ids},
+                            {i: heads.get(i) for i in state_ids},
+                        )
                         wrote = True
                         checks = []
                         for write in writes:

@@ -53,8 +53,15 @@ class Statements:
         self.select_many = f"SELECT {columns} FROM {s} WHERE {in_ids}"
         # Rows a write reads, locked until commit on PostgreSQL in id order, so
         # multi-state writes cannot deadlock; SQLite's BEGIN IMMEDIATE locks all.
-        self.select_locked = f"{self.select_many} ORDER BY state_id" + (
-            " FOR UPDATE" if self.postgres else ""
+        # The last column is the hash of the state's newest history entry (its
+        # version is the state's), which the new entries chain to.
+        head = (
+            f"(SELECT hash FROM {h} WHERE {h}.state_id = {s}.state_id "
+            f"AND {h}.version = {s}.version)"
+        )
+        self.select_locked = (
+            f"SELECT {columns}, {head} FROM {s} WHERE {in_ids} ORDER BY state_id"
+            + (" FOR UPDATE" if self.postgres else "")
         )
         self.insert_state = (
             f"INSERT INTO {s} ({', '.join(_STATE_COLUMNS)}) "
@@ -126,6 +133,7 @@ class Statements:
             "actor": change["actor"],
             "metadata": codec.dumps_str(change["metadata"]),
             "created_at": self._time_out(change["created_at"]),
+            "hash": change["hash"],
         }
 
     def write(self, write: Write) -> list[tuple[str, dict[str, Any], bool]]:

@@ -99,6 +99,8 @@ def make_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("actor", sa.String(255), nullable=True),
         sa.Column("metadata", JSONDocument(), nullable=False, key="meta"),
         sa.Column("created_at", UTCDateTime(), nullable=False),
+        # SHA-256 hex chained to the state's previous entry (see audit.py).
+        sa.Column("hash", sa.String(64), nullable=True),
         sa.UniqueConstraint("state_id", "version", name=f"uq_{prefix}history_state_version"),
     )
     return metadata, states, history

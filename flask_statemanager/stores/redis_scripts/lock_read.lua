@@ -9,8 +9,9 @@
 --
 -- Returns {1, document or nil, version, last change or nil, ...} with the
 -- locks taken, where the version is the history's length and the last change
--- is read only for a tombstone whose document Redis already dropped; or
--- {0, i} when lock i belongs to another writer.
+-- is the newest history entry (the new entries chain to its hash; for a
+-- tombstone whose document Redis already dropped, it also stands in for it);
+-- or {0, i} when lock i belongs to another writer.
 
 local n = #KEYS / 3
 local token = ARGV[1]
@@ -29,7 +30,7 @@ for i = 1, n do
   local document = redis.call('GET', KEYS[n + i])
   local version = redis.call('LLEN', history)
   local last = false
-  if not document and version > 0 then
+  if version > 0 then
     last = redis.call('LINDEX', history, -1)
   end
   out[#out + 1] = document
