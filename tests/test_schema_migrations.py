@@ -202,6 +202,31 @@ def _row(state_id: str) -> dict[str, Any]:
     }
 
 
+def test_tables_made_with_the_hash_column_before_migrations_upgrade(engine: sa.Engine) -> None:
+    """The hash column entered the model before migrations: such tables have it already."""
+    with engine.connect() as conn:
+        _tables_before_migrations(conn, "mig_a_")
+        conn.execute(sa.text("ALTER TABLE mig_a_history ADD COLUMN hash VARCHAR(64)"))
+        conn.commit()
+        result = upgrade(conn, "mig_a_")
+        assert (result.before, result.after, result.adopted) == (BASELINE, head_revision(), True)
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("mig_a_history")]
+        assert columns.count("hash") == 1
+
+
+def test_revisions_downgrade_to_the_baseline_and_upgrade_again(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        upgrade(conn, "mig_b_")
+        command.downgrade(config("mig_b_", connection=conn), BASELINE)
+        conn.commit()
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("mig_b_history")}
+        assert "hash" not in columns and "change_id" in columns
+        assert upgrade(conn, "mig_b_").before == BASELINE
+        modelled = make_tables("mig_b_")[2]
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("mig_b_history")}
+        assert columns == {c.name for c in modelled.columns}
+
+
 def test_a_version_table_without_its_tables_migrates_from_the_start(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         upgrade(conn, "mig_a_")
