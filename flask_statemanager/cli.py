@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from .transfer import export_states, prepare_import
 
 if TYPE_CHECKING:
     from .extension import StateManager
+    from .stores.sql import SQLStore
 
 
 def _manager() -> StateManager:
@@ -34,13 +36,63 @@ def states() -> None:
 @states.command("init-db")
 @with_appcontext
 def init_db() -> None:
-    """Create the states and history tables and every declared index (idempotent)."""
+    """Create or upgrade the tables (Alembic migrations), then every declared index.
+
+    Idempotent. Declared indexes come from ``register_type(indexes=...)``, so
+    they are created here and not by the migrations.
+    """
     manager = _manager()
     try:
         manager.create_all()
+        sql = _sql_store(manager)
+        revision = sql.schema_revision() if sql is not None else None
     except StateManagerError as exc:
         raise click.ClickException(str(exc)) from exc
+    if revision is not None:
+        click.echo(f"Tables at revision {revision}.")
     click.echo(f"Tables and indexes ready ({manager.store.kind} store).")
+
+
+@states.command("upgrade-db")
+@click.option(
+    "--sql", "show_sql", is_flag=True, help="Print the SQL of the upgrade instead of running it."
+)
+@with_appcontext
+def upgrade_db(show_sql: bool) -> None:
+    """Upgrade the states and history tables to the newest migration.
+
+    Shows the revision found and the newest one. Tables made before migrations
+    existed are recognised and stamped, not re-created. Declared field indexes
+    are made by ``flask states init-db``.
+    """
+    manager = _manager()
+    sql = _sql_store(manager)
+    if sql is None:
+        click.echo(f"The {manager.store.kind} store has no SQL tables: nothing to upgrade.")
+        return
+    output = io.StringIO() if show_sql else None
+    try:
+        result = sql.upgrade_schema(sql=output)
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is not None:
+        click.echo(output.getvalue().rstrip() or f"-- Already at revision {result.after}.")
+        return
+    if result.adopted:
+        click.echo(f"Found tables made before migrations: stamped at revision {result.before}.")
+    before = result.before or "none"
+    if before == result.after:
+        click.echo(f"Already at the newest revision, {result.after}.")
+    else:
+        click.echo(f"Upgraded the tables: {before} -> {result.after}.")
+
+
+def _sql_store(manager: StateManager) -> SQLStore | None:
+    """The app's SQL store, also when a Redis cache is in front of it; else ``None``."""
+    from .stores.sql import SQLStore
+
+    store = getattr(manager.store, "inner", manager.store)
+    return store if isinstance(store, SQLStore) else None
 
 
 @states.command("show")

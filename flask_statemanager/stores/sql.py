@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -49,6 +49,9 @@ from .base import (
 from .sql_json import column_name, compare, json_dialect
 from .sql_statements import Statements
 from .sql_tables import index_name, make_tables
+
+if TYPE_CHECKING:
+    from ..alembic import SchemaUpgrade
 
 
 class SQLStore(Store):
@@ -84,11 +87,35 @@ class SQLStore(Store):
     # -- schema -------------------------------------------------------------
 
     def setup(self, types: Iterable[TypeDefinition]) -> None:
+        """Migrate the tables to the newest revision, then create every declared index.
+
+        Declared indexes come from ``register_type(indexes=...)`` at run time,
+        so they are not part of the Alembic migrations.
+        """
+        self.upgrade_schema()
         with self._connect(self.engine) as conn:
-            self.metadata.create_all(conn, checkfirst=True)
             for field in sorted({f for t in types for f in t.indexes}):
                 conn.execute(CreateIndex(self._declared_index(field), if_not_exists=True))
             conn.commit()
+
+    def upgrade_schema(self, *, sql: TextIO | None = None) -> SchemaUpgrade:
+        """Run the package's Alembic migrations of the two tables up to the newest revision.
+
+        :param sql: write the SQL to this stream instead of running it.
+        """
+        from ..alembic import upgrade
+
+        with self._connect(self.engine) as conn:
+            return upgrade(conn, self.prefix, sql=sql)
+
+    def schema_revision(self) -> str | None:
+        """The revision of the tables recorded in the database, ``None`` if none."""
+        from ..alembic import current_revision, version_table
+
+        with self._connect(self.engine) as conn:
+            if not sa.inspect(conn).has_table(version_table(self.prefix)):
+                return None
+            return current_revision(conn, self.prefix)
 
     def _declared_index(self, field: str) -> sa.Index:
         root, _, rest = field.partition(".")

@@ -1,0 +1,1 @@
+"""The revisions of flask-statemanager's tables, oldest first by their ``revision`` id."""
