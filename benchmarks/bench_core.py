@@ -41,6 +41,8 @@ from flask import Flask
 
 import flask_statemanager
 from flask_statemanager import StateManager
+from flask_statemanager.audit import chain_hash
+from flask_statemanager.records import STATE_COLUMNS
 
 # -- parameters -----------------------------------------------------------------
 
@@ -65,18 +67,6 @@ SEARCH_STATUS = "active"
 PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/statemanager_test"
 BENCH_DATABASE = "statemanager_bench"
 
-STATE_COLUMNS = (
-    "state_id",
-    "name",
-    "type",
-    "status",
-    "data",
-    "metadata",
-    "version",
-    "created_at",
-    "updated_at",
-    "expires_at",
-)
 _SELECT_COLUMNS = ", ".join(f"statemanager_states.{c}" for c in STATE_COLUMNS)
 
 
@@ -348,11 +338,27 @@ def shape_check(model: dict[str, Any], made: dict[str, Any], what: str) -> None:
     def kind(value: Any) -> Any:
         return (type(value), len(value) if isinstance(value, str) else None)
 
-    ignore = {"created_at", "updated_at", "change_id", "id"}
+    ignore = {"created_at", "updated_at", "change_id", "id", "hash"}
     a = {k: v if k not in ignore else kind(v) for k, v in model.items()}
     b = {k: v if k not in ignore else kind(v) for k, v in made.items()}
     if a != b:
         raise SystemExit(f"bulk {what} row shape differs from the API's:\n  api:  {a}\n  bulk: {b}")
+
+
+def create_hash(change_id: str, sid: str, data: dict[str, Any], now: datetime) -> str:
+    """The hash the engine seals a state's first history entry with (audit.chain_hash)."""
+    change = {
+        "change_id": change_id,
+        "state_id": sid,
+        "version": 1,
+        "transition": "create",
+        "old_data": None,
+        "new_data": data,
+        "actor": None,
+        "metadata": {"from_status": None, "to_status": "pending"},
+        "created_at": now,
+    }
+    return chain_hash(None, change)
 
 
 def history_meta() -> dict[str, Any]:
@@ -425,11 +431,14 @@ def pg_load(conn: Any, rows: int) -> None:
                 copy.write_row((sid, sid, TYPE, "pending", data, meta, 1, now, now, None))
         with cur.copy(
             "COPY statemanager_history (change_id, state_id, version, transition, old_data, "
-            "new_data, actor, metadata, created_at) FROM STDIN"
+            "new_data, actor, metadata, created_at, hash) FROM STDIN"
         ) as copy:
             for i in range(API_SEEDED, rows):
                 sid, data, change_id = state_id(i), Jsonb(data_for(i)), uuid.uuid4().hex
-                copy.write_row((change_id, sid, 1, "create", None, data, None, create_meta, now))
+                seal = create_hash(change_id, sid, data_for(i), now)
+                copy.write_row(
+                    (change_id, sid, 1, "create", None, data, None, create_meta, now, seal)
+                )
     conn.commit()
 
 
@@ -644,22 +653,29 @@ def sqlite_connect(path: str, synchronous: str) -> sqlite3.Connection:
 
 
 def sqlite_load(conn: sqlite3.Connection, rows: int) -> None:
-    now = sqlite_ts(datetime.now(UTC))
+    stamp = datetime.now(UTC)
+    now = sqlite_ts(stamp)
     version_meta = dumps({"version": "1.0"})
     create_meta = dumps({"from_status": None, "to_status": "pending"})
     states = []
     changes = []
     for i in range(API_SEEDED, rows):
         sid, data, change_id = state_id(i), dumps(data_for(i)), uuid.uuid4().hex
+        seal = create_hash(change_id, sid, data_for(i), stamp)
         states.append((sid, sid, TYPE, "pending", data, version_meta, 1, now, now, None))
-        changes.append((change_id, sid, 1, "create", None, data, None, create_meta, now))
+        changes.append((change_id, sid, 1, "create", None, data, None, create_meta, now, seal))
     with conn:
         conn.executemany(
             "INSERT INTO statemanager_states (state_id, name, type, status, data, metadata, "
             "version, created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             states,
         )
-        conn.executemany(SQ_INSERT_CHANGE, changes)
+        conn.executemany(
+            "INSERT INTO statemanager_history (change_id, state_id, version, transition, "
+            "old_data, new_data, actor, metadata, created_at, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            changes,
+        )
 
 
 def sqlite_row_model(conn: sqlite3.Connection, i: int) -> tuple[dict[str, Any], dict[str, Any]]:

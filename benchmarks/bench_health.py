@@ -29,48 +29,26 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import bench_core as core
 import sqlalchemy as sa
 from flask import Flask
 
 from flask_statemanager import StateManager
+from flask_statemanager.records import CHANGE_KEYS
 
 TYPE = "user"
 API_SEEDED = 10
 GOAL_MS = 20.0
 BENCH_DATABASE = "statemanager_h1_bench"
 PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/statemanager_test"
-STATUSES = ("active", "inactive", "trial", "paying", "suspended")
-STATE_COLUMNS = (
-    "state_id",
-    "name",
-    "type",
-    "status",
-    "data",
-    "metadata",
-    "version",
-    "created_at",
-    "updated_at",
-    "expires_at",
-)
-HISTORY_COLUMNS = (
-    "change_id",
-    "state_id",
-    "version",
-    "transition",
-    "old_data",
-    "new_data",
-    "actor",
-    "metadata",
-    "created_at",
-)
+#: The columns as the store writes them, the history's with its hash.
+STATE_COLUMNS = core.STATE_COLUMNS
+HISTORY_COLUMNS = CHANGE_KEYS
+data_for = core.data_for
 
 
 def state_id(i: int) -> str:
     return f"user-{i:07d}"
-
-
-def data_for(i: int) -> dict[str, Any]:
-    return {"status": STATUSES[i % len(STATUSES)], "n": i}
 
 
 def bench_url(given: str | None) -> str:
@@ -78,18 +56,6 @@ def bench_url(given: str | None) -> str:
         return given
     base = sa.make_url(os.environ.get("STATEMANAGER_TEST_POSTGRES_URL") or PG_DEFAULT_URL)
     return base.set(database=BENCH_DATABASE).render_as_string(hide_password=False)
-
-
-def ensure_database(url: str) -> None:
-    import psycopg
-
-    parsed = sa.make_url(url)
-    admin = parsed.set(drivername="postgresql", database="postgres")
-    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as c:
-        if not c.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,)
-        ).fetchone():
-            c.execute(f'CREATE DATABASE "{parsed.database}"')
 
 
 def make_app(url: str, instance_path: str) -> tuple[Flask, StateManager]:
@@ -118,9 +84,11 @@ def copy_rows(conn: Any, start: int, rows: int) -> None:
                 )
         with cur.copy(f"COPY statemanager_history ({', '.join(HISTORY_COLUMNS)}) FROM STDIN") as cp:
             for i in range(start, rows):
-                sid = state_id(i)
-                row = (uuid.uuid4().hex, sid, 1, "create", None, Jsonb(data_for(i)), None)
-                cp.write_row((*row, create_meta, now))
+                sid, change_id = state_id(i), uuid.uuid4().hex
+                row = (change_id, sid, 1, "create", None, Jsonb(data_for(i)), None)
+                cp.write_row(
+                    (*row, create_meta, now, core.create_hash(change_id, sid, data_for(i), now))
+                )
     conn.commit()
 
 
@@ -229,7 +197,7 @@ def main() -> None:
     rows = args.rows or (60_000 if args.quick else 1_000_000)
     requests = args.requests or (100 if args.quick else 500)
     url = bench_url(args.postgres_url)
-    ensure_database(url)
+    core.pg_ensure_database(url)
     print(f"PostgreSQL: {sa.make_url(url).render_as_string(hide_password=True)}")
     with tempfile.TemporaryDirectory() as tmp:
         load(url, rows, tmp, args.reuse)

@@ -20,6 +20,7 @@ The exit code is 0 whatever the figures are: this is a report, not a test.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -384,6 +385,9 @@ def store_update(profile: Profile, sm: StateManager, rc: redis.Redis) -> Result:
             "metadata": core.history_meta(),
             "created_at": stamp,
         }
+        # The entry carries a SHA-256 of its canonical JSON, as the store's entries do.
+        canonical = json.dumps(change, sort_keys=True, separators=(",", ":")).encode()
+        change["hash"] = hashlib.sha256(canonical).hexdigest()
         args = (version, json.dumps(doc), json.dumps(change))
         if rc.evalsha(sha, 2, doc_key[sid], history_key[sid], *args) != 1:
             raise RuntimeError(f"baseline lost a compare-and-set on {sid}")

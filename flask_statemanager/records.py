@@ -51,7 +51,9 @@ def isoformat(value: datetime | None) -> str | None:
     """ISO-8601 with a ``Z`` suffix for UTC, ``None`` stays ``None``."""
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat()[:-6] + "Z"
 
 
 def parse_time(value: str | None) -> datetime | None:
