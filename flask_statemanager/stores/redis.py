@@ -918,27 +918,19 @@ class RedisStore(Store):
     ) -> tuple[int, Iterator[int]]:
         """Rewrite documents in place, a batch of states (each with its history) at a time.
 
-        States are found by ``SCAN`` over the history keys (every state ever
-        written has one, tombstones too); one script per batch replaces each
+        States are walked in id order from ``<prefix>:ids`` (every state that
+        has history, tombstones too); one script per batch replaces each
         document only if it is still the one read, keeping its TTL.
         """
-        pattern = _GLOB.sub(r"\\\1", self.prefix) + ":history:{*"
         with self._redis():
-            total = sum(1 for _ in self.client.scan_iter(match=pattern, count=1000))
+            total = int(self.client.zcard(self._ids_key))
 
         def run() -> Iterator[int]:
-            batch: list[str] = []
-            with self._redis():
-                for key in self.client.scan_iter(match=pattern, count=1000):
-                    name = _text(key)
-                    batch.append(name[name.index("{") + 1 : -1])
-                    if len(batch) >= batch_size:
-                        self._rewrite_batch(batch, states, changes)
-                        yield len(batch)
-                        batch = []
-                if batch:
-                    self._rewrite_batch(batch, states, changes)
-                    yield len(batch)
+            after: str | None = None
+            while batch := self.state_ids(after, batch_size):
+                self._rewrite_batch(batch, states, changes)
+                yield len(batch)
+                after = batch[-1]
 
         return total, run()
 
