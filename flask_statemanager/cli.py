@@ -162,7 +162,7 @@ def verify(state_id: str | None) -> None:
         with click.progressbar(
             manager.verify_history(state_id),
             label="Verifying history",
-            file=sys.stderr,
+            file=_stderr(),
             item_show_func=_state_id_of,
         ) as results:
             for result in results:
@@ -538,7 +538,7 @@ def rotate_keys(batch_size: int) -> None:
     """
     try:
         total, batches, counts = _manager().rotate_encryption_keys(batch_size=batch_size)
-        with click.progressbar(length=total, label="Re-encrypting") as bar:
+        with click.progressbar(length=total, label="Re-encrypting", file=_stderr()) as bar:
             for done in batches:
                 bar.update(done)
     except StateManagerError as exc:
@@ -568,7 +568,7 @@ def migrate(state_type: str | None, batch_size: int) -> None:
     """
     try:
         run = _manager().migrate_states(state_type, batch_size=batch_size)
-        with click.progressbar(length=run.total, label="Migrating") as bar:
+        with click.progressbar(length=run.total, label="Migrating", file=_stderr()) as bar:
             for done in run.batches:
                 bar.update(done)
     except StateManagerError as exc:
@@ -605,7 +605,7 @@ def prune(state_type: str | None, dry_run: bool, batch_size: int) -> None:
             types = list(manager.types.values())
         settings = manager._runtime().settings
         total = sum(manager.store.type_size(t.name) for t in types if has_retention(t, settings))
-        with click.progressbar(length=total, label="Pruning") as bar:
+        with click.progressbar(length=total, label="Pruning", file=_stderr()) as bar:
             report = manager.prune(
                 state_type,
                 dry_run=dry_run,

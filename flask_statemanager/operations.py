@@ -43,7 +43,12 @@ from .engine import (
     sweep,
     write,
 )
-from .errors import BackendUnavailableError, ConfigurationError, StateManagerError
+from .errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    StateManagerError,
+    StateNotFoundError,
+)
 from .errors import StateValidationError as _Invalid
 from .events import Callback
 from .metrics import log_state_operation
@@ -344,6 +349,8 @@ class StateOperations:
         whose hash does not follow from the entry before it (or a state record
         that does not match its newest entry). ``flask states verify`` prints
         them; see :mod:`flask_statemanager.audit`.
+
+        :raises StateNotFoundError: *state_id* has neither a record nor history.
         """
         if state_id is not None:
             check_state_id(state_id)
@@ -356,6 +363,8 @@ class StateOperations:
             for current in batch:
                 history = [opened.open_change(c) for c in store.history(current)]
                 stored = store.get(current)
+                if state_id is not None and stored is None and not history:
+                    raise StateNotFoundError(state_id)
                 state = None if stored is None else opened.open_state(stored)
                 broken = audit.verify(current, history, state)
                 yield current if broken is None else broken

@@ -182,6 +182,9 @@ def test_verify_command(app: Flask, sm: StateManager) -> None:
     assert one.exit_code == 0 and "1 state(s) verified" in one.output
     invalid = runner.invoke(args=["states", "verify", "bad id!"])
     assert invalid.exit_code == 1 and "Invalid state_id" in invalid.output
+    unknown = runner.invoke(args=["states", "verify", "nobody"])
+    assert unknown.exit_code == 1 and "nobody" in unknown.output
+    assert "verified" not in unknown.output
 
 
 def test_changes_carry_their_hash_through_every_read(sm: StateManager) -> None:

@@ -375,7 +375,8 @@ class StoreContract:
             assert outcome.ok
         sm.delete_state("s0003")
         assert list(sm.verify_history()) == ids  # in id order, deleted ones included
-        assert list(sm.verify_history("nobody")) == ["nobody"]  # no history: nothing to break
+        with pytest.raises(StateNotFoundError):
+            list(sm.verify_history("nobody"))
 
     # -- bulk_get ------------------------------------------------------------------------
 

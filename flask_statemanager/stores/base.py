@@ -194,9 +194,9 @@ class Store(ABC):
     def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
         """Every stored record, deleted and expired ones included, in batches (export).
 
-        Optionally only those of *state_type*. SQL and memory stores yield them in
-        ``state_id`` order; the Redis store in no particular order (it walks its
-        keys with ``SCAN``). A write during the scan may or may not be seen.
+        Optionally only those of *state_type*, in ``state_id`` order (the Redis
+        store walks ``<prefix>:ids``; tombstones it already dropped are not
+        seen). A write during the scan may or may not be seen.
         """
 
     @abstractmethod
