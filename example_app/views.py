@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from marshmallow import ValidationError
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from flask_statemanager import (
@@ -24,8 +25,9 @@ from flask_statemanager import (
     StateType,
     StateValidationError,
 )
+from flask_statemanager.audit import BrokenLink
 
-from . import state_manager
+from . import CartItemSchema, state_manager
 
 bp = Blueprint("example", __name__)
 
@@ -99,6 +101,13 @@ def _int_arg(name: str, default: int) -> int:
         ) from None
 
 
+def _rule_of(endpoint: str) -> str | None:
+    rules = (
+        current_app.url_map.iter_rules(endpoint) if endpoint in current_app.view_functions else []
+    )
+    return next((rule.rule for rule in rules), None)
+
+
 # -- routes --------------------------------------------------------------------
 
 
@@ -110,14 +119,27 @@ def index() -> Response:
         if rule.endpoint == "static":
             continue
         view = current_app.view_functions[rule.endpoint]
+        doc = (view.__doc__ or "").strip() or rule.endpoint
         routes.append(
             {
                 "methods": sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}),
                 "rule": rule.rule,
-                "description": (view.__doc__ or "").strip().splitlines()[0],
+                "description": doc.splitlines()[0],
             }
         )
-    return jsonify(app="flask-statemanager example", routes=routes)
+    return jsonify(
+        app="flask-statemanager example",
+        routes=routes,
+        # Added by init_app, not by this blueprint (STATEMANAGER_HEALTH_URL_PREFIX,
+        # STATEMANAGER_METRICS_URL); None when turned off or, for /metrics,
+        # without the 'metrics' extra (prometheus-client).
+        operations={
+            "health": _rule_of("statemanager_health.report"),
+            "liveness": _rule_of("statemanager_health.live"),
+            "readiness": _rule_of("statemanager_health.ready"),
+            "metrics": _rule_of("statemanager_metrics"),
+        },
+    )
 
 
 @bp.get("/users")
@@ -208,8 +230,47 @@ def create_cart(cart_id: str) -> Response:
 
 @bp.get("/carts/<cart_id>")
 def get_cart(cart_id: str) -> Response:
-    """One cart, until its TTL passes."""
+    """One cart, until its TTL passes; a cart stored in schema 1.0 reads upgraded."""
     return _state_response(_live_state(cart_id, "cart"))
+
+
+@bp.post("/carts/<cart_id>/items")
+def add_cart_item(cart_id: str) -> Response:
+    """Add to a cart: body {"sku": "A1", "quantity": 2}; one history entry per call."""
+    _live_state(cart_id, "cart")
+    try:
+        item = CartItemSchema().load(_body())
+    except ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"item": exc.messages}
+        raise StateValidationError(f"Invalid cart item: {messages}", messages) from None
+
+    def add(data: dict[str, Any]) -> dict[str, Any]:
+        # Runs on the current data (upgraded to schema 1.1), under the store's
+        # lock, so two concurrent adds both count; the cart schema then checks
+        # the result (e.g. a quantity above 999).
+        items = data.setdefault("items", [])
+        for line in items:
+            if line.get("sku") == item["sku"] and type(line.get("quantity")) is int:
+                line["quantity"] += item["quantity"]
+                break
+        else:
+            items.append(item)
+        return data
+
+    return _state_response(state_manager.atomic_update(cart_id, add, actor=_actor()))
+
+
+@bp.get("/states/<state_id>/verify")
+def verify_state(state_id: str) -> Response:
+    """Check a state's tamper-evident history chain (any type, deleted ones too)."""
+    if not state_manager.get_recent_changes(state_id, limit=1):
+        raise StateNotFoundError(state_id, f"No history for {state_id!r}: it was never registered.")
+    result = next(state_manager.verify_history(state_id))
+    if isinstance(result, BrokenLink):
+        return jsonify(
+            state_id=state_id, intact=False, version=result.version, reason=result.reason
+        )
+    return jsonify(state_id=state_id, intact=True, version=None, reason=None)
 
 
 # -- errors --------------------------------------------------------------------
