@@ -354,7 +354,10 @@ class StateOperations:
         """
         if state_id is not None:
             check_state_id(state_id)
-        runtime = self._runtime()
+        with self._operation("verify_history", state_id) as runtime:
+            yield from self._verify(runtime, state_id)
+
+    def _verify(self, runtime: Runtime, state_id: str | None) -> Iterator[BrokenLink | str]:
         store = runtime.store.primary  # the records themselves, not a cache
         opened = runtime.encryption  # hashes cover the plaintext
         after: str | None = None

@@ -135,6 +135,7 @@ def edit_state(store: Store, state_id: str, data: dict[str, Any]) -> None:
 def test_an_intact_history_verifies(sm: StateManager) -> None:
     assert list(sm.verify_history()) == ["a", "b"]
     assert broken(sm) == []
+    assert sm.get_metrics()["operations"]["verify_history"] == 2  # counted like any operation
 
 
 @pytest.mark.parametrize("version", [1, 3, 5])
