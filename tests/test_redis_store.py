@@ -485,6 +485,27 @@ def test_a_stale_record_cache_still_writes_on_the_fresh_version(
     assert _calls(client, "evalsha") - before == 1  # warm again
 
 
+def test_a_record_at_the_same_version_but_restored_elsewhere_is_stale(
+    sm: StateManager, app: Flask, store: RedisStore, tmp_path: Path
+) -> None:
+    """A version number that came back (restore --replace, or purge and register
+    again, in another process) does not let a remembered record plan a write."""
+    sm.register_state("u1", "user", {"data": {"bal": 100}})
+    snapshot, snapshot_history = store.get("u1"), store.history("u1")
+    sm.update_state("u1", {"data": {"bal": 50}})  # this process remembers v2 {bal: 50}
+    other = workers.make_app(_redis_config(app), str(tmp_path / "other"))
+    with other.app_context():
+        elsewhere = StateManager()
+        assert snapshot is not None
+        elsewhere.store.restore(snapshot, snapshot_history, replace=True)  # back to v1
+        assert elsewhere.patch_state("u1", {"other": 1})["version"] == 2  # v2 again
+    patched = sm.patch_state("u1", {"note": "x"})
+    # Planned from the fresh v2, not from the remembered one: nothing is lost.
+    assert patched["version"] == 3
+    assert patched["data"] == {"bal": 100, "other": 1, "note": "x"}
+    assert list(sm.verify_history("u1")) == ["u1"]
+
+
 def test_a_stale_record_after_reset_elsewhere(
     sm: StateManager, app: Flask, store: RedisStore, client: redis.Redis
 ) -> None:

@@ -21,6 +21,7 @@ from flask import Flask
 from flask_statemanager import (
     ConfigurationError,
     StateConflictError,
+    StateExistsError,
     StateLimitError,
     StateManager,
     StateValidationError,
@@ -411,6 +412,25 @@ class TestRedisRetention(RetentionContract):
         store = sm.store
         assert isinstance(store, RedisStore)
         return RedisStore(store.client, prefix=store.prefix)
+
+    def test_a_purged_id_reborn_elsewhere_at_the_same_version(
+        self, sm: StateManager, tmp_path: Path, store_config: dict[str, Any]
+    ) -> None:
+        """This process remembers the tombstone at version 3; another purges the
+        id and brings it back to a live version 3. Registering here must see it."""
+        grow(sm, "t1", "temp", 1)
+        sm.delete_state("t1")  # version 3, remembered by this process's store
+        time.sleep(0.35)
+        other = make_app(tmp_path / "other", **store_config)
+        StateManager().init_app(other)
+        with other.app_context():
+            assert sm.prune().purged == 1
+            grow(sm, "t1", "temp", 2)  # versions 1-3 of a new life
+        with pytest.raises(StateExistsError):
+            sm.register_state("t1", "temp", doc(life=3))
+        assert sm.get_state("t1")["data"] == {"n": 2}
+        assert versions(sm, "t1") == [1, 2, 3]
+        assert list(sm.verify_history("t1")) == ["t1"]
 
     def test_the_version_is_history_plus_pruned(
         self, sm: StateManager, client: redis.Redis

@@ -614,7 +614,7 @@ class RedisStore(Store):
         if not writes:
             return None
         try:
-            self._commit(ids, rows, writes, "", optimistic=True)
+            self._commit(ids, rows, writes, "", remembered={i: known[i][0] for i in ids})
         except _Stale:
             return None
         return writes
@@ -739,14 +739,16 @@ class RedisStore(Store):
         writes: Sequence[Write],
         token: str,
         *,
-        optimistic: bool = False,
+        remembered: Mapping[str, bytes | str] | None = None,
     ) -> None:
         """Run the commit script; raise :class:`VersionMismatch` if a state moved on.
 
-        *optimistic*: no locks are held and *rows* come from the record cache;
-        raise :class:`_Stale` instead (nothing written) if a state moved on or
-        is locked by another writer.
+        *remembered*: optimistic, no locks are held and *rows* were decoded from
+        these documents of the record cache; raise :class:`_Stale` instead
+        (nothing written) unless every stored document is still the remembered
+        one and no other writer holds a state.
         """
+        optimistic = remembered is not None
         numbers = {state_id: n for n, state_id in enumerate(ids, 1)}
         final: dict[str, State] = {}
         documents: dict[str, bytes] = {}
@@ -762,12 +764,11 @@ class RedisStore(Store):
             args += [document, _document(write.change)]
             logged = f"{state_id} {state['version']} {write.change['change_id']}"
             entries += [numbers[state_id], write.expected_version, logged]
-        planned: list[Any] = []
-        for state_id in ids:
-            new_state = final.get(state_id)
-            planned.append(new_state is not None and new_state["status"] in _TOMBSTONES)
-            row = rows.get(state_id) if optimistic else None
-            planned.append(row["version"] if row is not None else False)
+        tombstones = [
+            state_id in final and final[state_id]["status"] in _TOMBSTONES for state_id in ids
+        ]
+        if remembered is not None:
+            args += [remembered[state_id] for state_id in ids]
         for _ in range(10):
             keys = _Keys()
             for state_id in ids:
@@ -792,7 +793,7 @@ class RedisStore(Store):
                     optimistic,
                     checks,
                     entries,
-                    planned,
+                    tombstones,
                     operations,
                     self._limits(writes, keys),
                 ]
@@ -1044,8 +1045,8 @@ class _Records:
             if known is not None:
                 if known[0] > version:
                     return
-                if head == _UNKNOWN_HEAD and known[0] == version:
-                    head = known[2]
+                if head == _UNKNOWN_HEAD and known[0] == version and known[1] == document:
+                    head = known[2]  # the same record, read again
                 items.move_to_end(state_id)
             items[state_id] = (version, document, head)
             if len(items) > self._size:

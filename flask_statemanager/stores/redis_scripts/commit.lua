@@ -2,9 +2,12 @@
 --
 -- Called after lock_read.lua with the locks held, or optimistically without
 -- any lock, planned from the records this process last read or wrote: then
--- it also refuses when a state is locked by another writer (so it never
--- overtakes a queued writer) or is not at the version it was planned from,
--- and returns 0 instead of a mismatch: the caller reads again under locks.
+-- it refuses (returns 0: the caller reads again under locks) when a state's
+-- stored document is not, byte for byte, the one remembered, or another
+-- writer holds its lock (so it never overtakes a queued writer). Comparing
+-- documents rather than versions also catches a state purged and registered
+-- again, or restored, since it was remembered: its version may have come back
+-- to the same number, its document has not.
 --
 -- A state's version is the length of its history plus the number of its
 -- oldest entries pruned (its pruned key, absent for none): every change
@@ -23,15 +26,14 @@
 --         change log length, true if optimistic (no locks held) else false,
 --         definition checks: per check type, its definition as planned ('' none),
 --         writes: per write state number, expected version, change log entry,
---         states: per state true if its new document is a tombstone, and the
---           version it was planned from (false: not checked, the caller holds
---           locks),
+--         states: per state true if its new document is a tombstone,
 --         index operations: per operation 'zadd' | 'zrem' | 'sadd', key number,
 --           score, member,
 --         limits (max_states): per limited type, its sorted set's key number,
 --           the most live states it may hold, and the ids this batch creates
 --           in it;
---       then per write: state document, change document
+--       then per write: state document, change document; then, when
+--       optimistic, per state: the document it was planned from
 --
 -- Returns a number (a reply the client parses fastest): 1 committed; 2 a
 -- retried call found its batch committed; -1 the index definitions changed
@@ -82,45 +84,47 @@ for c = 1, #checks, 2 do
   end
 end
 
--- 2. Every state is at the version its write expects (writes of one state
---    chain: each expects the version the one before it wrote).
-local versions = {}
-for w = 1, n_writes do
-  local s = writes[3 * w - 2]
-  local expected = writes[3 * w - 1]
-  local history = KEYS[4 * s - 2]
-  local current = versions[s]
-  if current == nil then
-    current = version_of(s)
-  end
-  if current ~= expected then
-    -- A call resent after a lost reply finds its own first entry in place.
-    local at = expected - pruned(s)
-    if w == 1 and at >= 0 and redis.call('LINDEX', history, at) == ARGV[3] then
-      return 2
-    end
-    if optimistic then
-      return 0
-    end
-    release()
-    return {s, current}
-  end
-  versions[s] = expected + 1
+-- A call resent after a lost reply finds its own first entry in place.
+local function resent()
+  local s, expected = writes[1], writes[2]
+  local at = expected - pruned(s)
+  return at >= 0 and redis.call('LINDEX', KEYS[4 * s - 2], at) == ARGV[3]
 end
 
--- 2b. Optimistic: every state only read is still at the version it was
---     planned from (step 2 checked the written ones), and no other writer
---     holds a lock.
+-- 2. Every state is where the batch was planned from.
 if optimistic then
+  -- The stored documents are the remembered ones (which pins their versions)
+  -- and no other writer holds a state.
   for s = 1, n_states do
-    local planned = states[2 * s]
-    if versions[s] == nil and planned ~= false and version_of(s) ~= planned then
+    if redis.call('GET', KEYS[4 * s - 3]) ~= ARGV[1 + 2 * n_writes + s] then
+      if resent() then
+        return 2
+      end
       return 0
     end
-    local holder = redis.call('GET', KEYS[4 * s - 1])
-    if holder and holder ~= token then
+    if redis.call('EXISTS', KEYS[4 * s - 1]) == 1 then
       return 0
     end
+  end
+else
+  -- Every state is at the version its write expects (writes of one state
+  -- chain: each expects the version the one before it wrote).
+  local versions = {}
+  for w = 1, n_writes do
+    local s = writes[3 * w - 2]
+    local expected = writes[3 * w - 1]
+    local current = versions[s]
+    if current == nil then
+      current = version_of(s)
+    end
+    if current ~= expected then
+      if w == 1 and resent() then
+        return 2
+      end
+      release()
+      return {s, current}
+    end
+    versions[s] = expected + 1
   end
 end
 
@@ -159,7 +163,7 @@ end
 --    SET above removed any time-to-live from states that came back to life.
 if tombstone_ttl > 0 then
   for s = 1, n_states do
-    if states[2 * s - 1] then
+    if states[s] then
       redis.call('PEXPIRE', KEYS[4 * s - 3], tombstone_ttl)
     end
   end
