@@ -695,6 +695,7 @@ def test_four_processes_fifty_increments_through_the_cache(
         assert (cached["version"], cached["data"]) == (201, {"count": 200})
         state = manager.get_state("counter")
         history = manager.get_state_history("counter")
+        assert list(manager.verify_history("counter")) == ["counter"]
     assert state == cached
     assert [c["version"] for c in history] == list(range(1, 202))
     assert all(c["new_data"]["count"] == c["old_data"]["count"] + 1 for c in history[1:])

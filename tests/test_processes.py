@@ -87,6 +87,9 @@ def test_four_processes_fifty_atomic_increments(
     assert [c["version"] for c in history] == list(range(1, 202))
     # Every increment is its own change: old and new counts step by one.
     assert all(c["new_data"]["count"] == c["old_data"]["count"] + 1 for c in history[1:])
+    # Writers that queued for the row lock chained to the entry just committed.
+    with app.app_context():
+        assert list(StateManager().verify_history("counter")) == ["counter"]
 
 
 def test_sigkill_mid_write_never_splits_state_and_history(
@@ -112,3 +115,5 @@ def test_sigkill_mid_write_never_splits_state_and_history(
         _assert_consistent(app, "victim")
     version = _assert_consistent(app, "victim")
     assert version > 8  # the writers really wrote between the kills
+    with app.app_context():
+        assert list(StateManager().verify_history("victim")) == ["victim"]

@@ -573,6 +573,7 @@ def test_four_processes_fifty_atomic_increments(
     assert state["version"] == 201
     assert [c["version"] for c in history] == list(range(1, 202))
     assert all(c["new_data"]["count"] == c["old_data"]["count"] + 1 for c in history[1:])
+    assert list(sm.verify_history("counter")) == ["counter"]
 
 
 def _assert_consistent(client: redis.Redis, state_id: str) -> int:

@@ -499,9 +499,10 @@ class SQLStore(Store):
                         # SQLite: take the write lock now, not at the first UPDATE,
                         # where a reader upgrading could fail instead of waiting.
                         raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
-                        rows = raw.execute(sql.select_locked, sql.ids(state_ids)).fetchall()
-                        found = {row[0]: sql.state(row) for row in rows}
-                        heads = {row[0]: row[-1] for row in rows}
+                        ids = sql.ids(state_ids)
+                        locked = raw.execute(sql.select_locked, ids)
+                        heads = dict(raw.execute(sql.select_heads, ids).fetchall())
+                        found = {row[0]: sql.state(row) for row in locked.fetchall()}
                         self._writing.raw = raw  # count_type reads inside this transaction
                         try:
                             writes = plan(

@@ -53,15 +53,18 @@ class Statements:
         self.select_many = f"SELECT {columns} FROM {s} WHERE {in_ids}"
         # Rows a write reads, locked until commit on PostgreSQL in id order, so
         # multi-state writes cannot deadlock; SQLite's BEGIN IMMEDIATE locks all.
-        # The last column is the hash of the state's newest history entry (its
-        # version is the state's), which the new entries chain to.
-        head = (
-            f"(SELECT hash FROM {h} WHERE {h}.state_id = {s}.state_id "
-            f"AND {h}.version = {s}.version)"
+        self.select_locked = f"{self.select_many} ORDER BY state_id" + (
+            " FOR UPDATE" if self.postgres else ""
         )
-        self.select_locked = (
-            f"SELECT {columns}, {head} FROM {s} WHERE {in_ids} ORDER BY state_id"
-            + (" FOR UPDATE" if self.postgres else "")
+        # The hash of each locked state's newest history entry (its version is
+        # the state's), which the new entries chain to. A statement of its own,
+        # run after the lock is taken: on PostgreSQL a writer that waited for
+        # the lock gets the row as committed, but a subquery of the locking
+        # SELECT would still read the history as of before the wait.
+        self.select_heads = (
+            f"SELECT {s}.state_id, {h}.hash FROM {s} JOIN {h} "
+            f"ON {h}.state_id = {s}.state_id AND {h}.version = {s}.version "
+            f"WHERE {s}.{in_ids}"
         )
         self.insert_state = (
             f"INSERT INTO {s} ({', '.join(_STATE_COLUMNS)}) "
