@@ -27,7 +27,7 @@ from flask_statemanager import (
     StateValidationError,
 )
 from flask_statemanager.audit import seal
-from flask_statemanager.records import State
+from flask_statemanager.records import Change, State
 from flask_statemanager.stores.base import Pruned, Write
 from flask_statemanager.stores.cache import CachedStore
 from flask_statemanager.stores.redis import RedisStore
@@ -431,6 +431,24 @@ class TestRedisRetention(RetentionContract):
         assert sm.get_state("t1")["data"] == {"n": 2}
         assert versions(sm, "t1") == [1, 2, 3]
         assert list(sm.verify_history("t1")) == ["t1"]
+
+    def test_a_rewrite_finds_entries_by_version_while_prune_trims(self, sm: StateManager) -> None:
+        """rotate-keys reads a batch, a prune trims it, then the rewrite lands:
+        every entry left is rewritten, none skipped for having moved."""
+        grow(sm, "n1", "note", 5)  # versions 1-6; the note type keeps 3
+        pruned: list[int] = []
+
+        def change(entry: Change) -> Change:
+            if not pruned:
+                pruned.append(sm.prune().entries)  # between the read and the write
+            return Change(entry, actor="rewritten")
+
+        _total, batches = sm.store.rewrite(lambda state: None, change)
+        list(batches)
+        assert pruned == [3]
+        history = sm.get_state_history("n1")
+        assert [c["version"] for c in history] == [4, 5, 6]
+        assert [c["actor"] for c in history] == ["rewritten"] * 3
 
     def test_the_version_is_history_plus_pruned(
         self, sm: StateManager, client: redis.Redis

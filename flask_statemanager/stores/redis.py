@@ -951,11 +951,12 @@ class RedisStore(Store):
             if new is not None:
                 keys.append(self.state_key(state_id))
                 args += ["s", 0, raw, _document(new)]
-            for position, entry in enumerate(entries):
-                rewritten = changes(_change(entry))
+            for entry in entries:
+                change = _change(entry)
+                rewritten = changes(change)
                 if rewritten is not None:
-                    keys.append(self.history_key(state_id))
-                    args += ["h", position, entry, _document(rewritten)]
+                    keys += [self.history_key(state_id), self.pruned_key(state_id)]
+                    args += ["h", change["version"], entry, _document(rewritten)]
         if keys:
             self._run("rewrite", keys, args)
         self._records.forget(ids)
