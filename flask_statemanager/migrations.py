@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import InvalidVersion, Version
 
 from .definitions import DELETED, EXPIRED
-from .errors import ConfigurationError, MigrationError, StateConflictError, StateManagerError
+from .errors import (
+    ConfigurationError,
+    MigrationError,
+    StateConflictError,
+    StateManagerError,
+    StateNotFoundError,
+)
 from .query import Query, parse_order
 from .records import State, utcnow
 
@@ -250,6 +256,8 @@ def migrate_stored(
             for row, outcome in zip(todo, outcomes, strict=True):
                 if isinstance(outcome, StateConflictError):
                     retry.append(row["state_id"])  # written meanwhile: look again
+                elif isinstance(outcome, StateNotFoundError):
+                    continue  # deleted or expired meanwhile: nothing to upgrade
                 elif isinstance(outcome, StateManagerError):
                     if isinstance(outcome, MigrationError):
                         raise outcome

@@ -16,6 +16,7 @@ from cryptography.fernet import Fernet
 from flask import Flask
 
 from flask_statemanager import ConfigurationError, MigrationError, StateManager
+from flask_statemanager.records import State
 
 from .conftest import make_app
 
@@ -174,6 +175,27 @@ class MigrationContract:
         for i in range(count):
             actors = [c["actor"] for c in sm.get_state_history(f"c{i}")]
             assert actors == [None, "migration"]  # each state migrated exactly once
+
+    def test_a_state_deleted_while_migrating_is_skipped(
+        self, sm: StateManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for i in range(3):
+            sm.register_state(f"c{i}", "customer", v1(i))
+        register_migrations(sm)
+        scan = sm.store.scan
+
+        def scan_then_delete(*args: Any, **kwargs: Any) -> Iterator[list[State]]:
+            for batch in scan(*args, **kwargs):
+                sm.delete_state("c1")  # a user deletes it after migrate read it
+                yield batch
+
+        monkeypatch.setattr(sm.store, "scan", scan_then_delete)
+        run = sm.migrate_states("customer")
+        sum(run.batches)
+        assert run.upgraded == 2
+        assert sm.get_state("c1") is None
+        for i in (0, 2):
+            assert [c["actor"] for c in sm.get_state_history(f"c{i}")] == [None, "migration"]
 
     def test_concurrent_user_writes_are_never_lost(self, sm: StateManager, app: Flask) -> None:
         for i in range(20):
