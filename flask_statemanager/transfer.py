@@ -343,7 +343,7 @@ def import_states(
 
 
 def _refuse_stored(store: Store, pending: list[str], lines_of: dict[str, int]) -> None:
-    found = store.get_many(pending)
+    found = store.stored_ids(pending)
     pending.clear()
     if found:
         first = min(found, key=lambda i: lines_of[i])

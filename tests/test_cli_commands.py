@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from click.testing import Result
 from flask import Flask
@@ -495,6 +496,27 @@ def test_import_stops_at_a_state_the_store_refuses(sqlite_app: Flask, redis_app:
     assert sorted(snapshot(redis_app)) == ["sess_1"]
     with redis_app.app_context():
         assert StateManager().store.history("user_01") == []
+
+
+def test_import_sees_a_redis_tombstone_whose_record_was_dropped(
+    sqlite_app: Flask, redis_app: Flask, clean_redis: str
+) -> None:
+    """Redis drops a tombstone's document after a while but keeps its history:
+    importing that id is refused up front, before anything is written."""
+    seed(sqlite_app)
+    text = ok(sqlite_app, "export").stdout
+    with redis_app.app_context():
+        sm = StateManager()
+        sm.register_state("user_03", "user", {"data": {}})
+        sm.delete_state("user_03")
+    client = redis.Redis.from_url(clean_redis)
+    client.delete("clix:state:{user_03}")  # as the tombstone's time-to-live does
+    message = refused(redis_app, "import", input=text)
+    assert "'user_03' is already stored" in message and "nothing was imported" in message
+    assert snapshot(redis_app) == {}
+    with redis_app.app_context():
+        assert [c["version"] for c in StateManager().get_state_history("user_03")] == [1, 2]
+    client.close()
 
 
 def test_sql_restore_is_all_or_nothing(postgres_app: Flask) -> None:

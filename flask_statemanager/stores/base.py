@@ -239,6 +239,14 @@ class Store(ABC):
         for maintenance (``flask states verify``), a page at a time.
         """
 
+    def stored_ids(self, state_ids: Sequence[str]) -> set[str]:
+        """Which of *state_ids* the store holds anything of (a record or history).
+
+        This default asks :meth:`get_many`: a store that keeps history after
+        dropping a record (the Redis store's tombstones) overrides it.
+        """
+        return set(self.get_many(state_ids))
+
     @abstractmethod
     def count(self) -> int:
         """How many states are stored and neither deleted nor expired."""

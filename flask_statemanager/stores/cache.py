@@ -740,6 +740,9 @@ class CachedStore(Store):
     def state_ids(self, after: str | None, limit: int) -> list[str]:
         return self.inner.state_ids(after, limit)
 
+    def stored_ids(self, state_ids: Sequence[str]) -> set[str]:
+        return self.inner.stored_ids(state_ids)
+
     def count(self) -> int:
         return self.inner.count()
 

@@ -501,6 +501,14 @@ class RedisStore(Store):
             ids = self.client.zrangebylex(self._ids_key, start, "+", start=0, num=limit)
         return [_text(i) for i in ids]
 
+    def stored_ids(self, state_ids: Sequence[str]) -> set[str]:
+        """Ids in ``<prefix>:ids``: also those whose tombstone Redis dropped."""
+        if not state_ids:
+            return set()
+        with self._redis():
+            scores = self.client.zmscore(self._ids_key, list(state_ids))
+        return {i for i, score in zip(state_ids, scores, strict=True) if score is not None}
+
     def count(self) -> int:
         return int(self._run("count", [self._types_key], [self.prefix]))
 
