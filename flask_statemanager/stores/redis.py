@@ -56,8 +56,10 @@ Each store keeps, per process, the last document of up to
 ``record_cache_size`` states it read or committed (a bounded LRU of encoded
 documents; reads never use it, they always ask Redis). When :meth:`RedisStore.apply`
 knows every state asked for, the engine plans from those records and one script
-(``redis_scripts/commit.lua``) commits: it checks every state's version against
-its history length and that no other writer holds its lock, then appends the
+(``redis_scripts/commit.lua``) commits: it checks that every stored document
+is still, byte for byte, the remembered one (a version number can come back
+after a restore or a purge elsewhere; a document does not) and that no other
+writer holds its lock, then appends the
 history entries, stores the documents and updates every index — all or
 nothing, because a script runs alone and checks before it writes. A write then
 costs one round trip. If a record was stale, a state locked, or the plan failed
