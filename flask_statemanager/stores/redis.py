@@ -120,21 +120,18 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from datetime import datetime
 from importlib import resources
 from typing import Any, cast
 
 import redis
 
 from .. import codec
-from ..definitions import DELETED, EXPIRED, TypeDefinition
+from ..definitions import TypeDefinition
 from ..errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -156,6 +153,24 @@ from .base import (
     check_restore,
     restore_refused,
 )
+from .redis_records import (
+    TOMBSTONES,
+    UNKNOWN_HEAD,
+    RecordCache,
+    ScriptKeys,
+    declared_fields,
+    decode_change,
+    decode_state,
+    definition_json,
+    dropped_tombstone,
+    encode_document,
+    encode_scalar,
+    epoch_micros,
+    index_member,
+    jsonable,
+    to_text,
+    utc_stamp,
+)
 
 _SCRIPTS = (
     "backfill",
@@ -173,13 +188,8 @@ _SCRIPTS = (
 )
 #: Changes kept in the change log: ``get_recent_changes`` reads at most this many.
 _LOG_LENGTH = 10_000
-_TOMBSTONES = (DELETED, EXPIRED)
-#: A remembered record whose history head is not known (never a SHA-256 hex digest).
-_UNKNOWN_HEAD = "?"
 #: Columns a ``__contains`` can never match (only strings and arrays contain).
 _NOT_TEXT = frozenset({"version", "created_at", "updated_at", "expires_at"})
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S*")
 _GLOB = re.compile(r"([*?\[\]\\])")
 
@@ -238,7 +248,7 @@ class RedisStore(Store):
         self._log_key = f"{prefix}:log"
         self._definitions_key = f"{prefix}:indexes"
         #: The last document of each state this process read or committed.
-        self._records = _Records(record_cache_size)
+        self._records = RecordCache(record_cache_size)
 
     # -- keys -------------------------------------------------------------------
 
@@ -302,7 +312,7 @@ class RedisStore(Store):
         if definitions is None:
             with self._redis():
                 stored = self.client.hgetall(self._definitions_key)
-            definitions = {_text(k): _text(v) for k, v in stored.items()}
+            definitions = {to_text(k): to_text(v) for k, v in stored.items()}
             self._definitions = definitions
         return definitions
 
@@ -328,19 +338,19 @@ class RedisStore(Store):
         for _ in range(100):
             with self._redis():
                 raw = self.client.hget(self._definitions_key, type_name)
-            stored = _text(raw) if raw is not None else ""
+            stored = to_text(raw) if raw is not None else ""
             current: dict[str, bool] = codec.loads(stored) if stored else {}
             wanted = {**current, **{f: current.get(f, False) for f in fields}}
             building = sorted(f for f, built in wanted.items() if not built)
             if not building:
                 return
-            pending = _definition(wanted)
+            pending = definition_json(wanted)
             if pending != stored and not self._run(
                 "define", [self._definitions_key], [type_name, stored, pending]
             ):
                 continue  # another process changed the definition: read it again
             self._backfill(type_name, building)
-            done = _definition(dict.fromkeys(wanted, True))
+            done = definition_json(dict.fromkeys(wanted, True))
             if self._run("define", [self._definitions_key], [type_name, pending, done]):
                 return
         raise BackendUnavailableError(
@@ -355,16 +365,16 @@ class RedisStore(Store):
         while True:
             with self._redis():
                 cursor, found = self.client.zscan(self.type_key(type_name), cursor, count=500)
-                ids = [_text(cast("bytes | str", member)) for member, _score in found]
+                ids = [to_text(cast("bytes | str", member)) for member, _score in found]
                 raws = self.client.mget([self.state_key(i) for i in ids]) if ids else []
-            keys = _Keys()
+            keys = ScriptKeys()
             args: list[Any] = []
             for state_id, raw in zip(ids, raws, strict=True):
-                state = None if raw is None else _state(raw)
-                if state is None or state["status"] in _TOMBSTONES or state["type"] != type_name:
+                state = None if raw is None else decode_state(raw)
+                if state is None or state["status"] in TOMBSTONES or state["type"] != type_name:
                     continue
                 for field in fields:
-                    member = _member(state, field)
+                    member = index_member(state, field)
                     if member is not None:
                         args += [
                             keys.add(self.history_key(state_id)),
@@ -386,8 +396,8 @@ class RedisStore(Store):
         if raw is None:
             self._records.forget((state_id,))
             return None
-        state = _state(raw)
-        self._records.put(state_id, state["version"], raw, _UNKNOWN_HEAD)
+        state = decode_state(raw)
+        self._records.put(state_id, state["version"], raw, UNKNOWN_HEAD)
         return state
 
     def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
@@ -399,8 +409,8 @@ class RedisStore(Store):
         put = self._records.put
         for state_id, raw in zip(state_ids, raws, strict=True):
             if raw is not None:
-                state = found[state_id] = _state(raw)
-                put(state_id, state["version"], raw, _UNKNOWN_HEAD)
+                state = found[state_id] = decode_state(raw)
+                put(state_id, state["version"], raw, UNKNOWN_HEAD)
         return found
 
     def query(self, query: Query) -> tuple[list[State], int]:
@@ -414,7 +424,7 @@ class RedisStore(Store):
                 if c.is_json and c.op in ("eq", "in"):
                     field = ".".join((c.root, *c.path))
                     values = c.value if c.op == "in" else (c.value,)
-                    encoded = dict.fromkeys(_encode(v) for v in values)
+                    encoded = dict.fromkeys(encode_scalar(v) for v in values)
                     keys.append(self.index_key(query.type, field))
                     hints.append([field, len(keys), [e.decode() for e in encoded if e]])
         conditions = [
@@ -422,7 +432,7 @@ class RedisStore(Store):
                 "r": c.root,
                 "p": list(c.path),
                 "o": c.op,
-                "v": _jsonable(c.value),
+                "v": jsonable(c.value),
             }
             for c in query.conditions
         ]
@@ -432,8 +442,8 @@ class RedisStore(Store):
             [
                 self.prefix,
                 query.type or "",
-                _stamp(query.now),
-                _micros(query.now),
+                utc_stamp(query.now),
+                epoch_micros(query.now),
                 query.order.root,
                 "1" if query.order.descending else "0",
                 query.offset,
@@ -442,7 +452,7 @@ class RedisStore(Store):
                 codec.dumps(hints),
             ],
         )
-        return [_state(raw) for raw in reply[1:] if raw is not None], int(reply[0])
+        return [decode_state(raw) for raw in reply[1:] if raw is not None], int(reply[0])
 
     def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:
         """Every stored document in id order, walking ``<prefix>:ids`` (no ``SCAN``).
@@ -456,7 +466,7 @@ class RedisStore(Store):
                 raws = self.client.mget([self.state_key(i) for i in ids])
             batch = [
                 state
-                for state in (_state(raw) for raw in raws if raw is not None)
+                for state in (decode_state(raw) for raw in raws if raw is not None)
                 if state_type is None or state["type"] == state_type
             ]
             if batch:
@@ -479,7 +489,7 @@ class RedisStore(Store):
     def history(self, state_id: str, transition: str | None = None) -> list[Change]:
         with self._redis():
             raws = self.client.lrange(self.history_key(state_id), 0, -1)
-        changes = [_change(raw) for raw in raws]
+        changes = [decode_change(raw) for raw in raws]
         if transition is None:
             return changes
         return [c for c in changes if c["transition"] == transition]
@@ -490,18 +500,18 @@ class RedisStore(Store):
         else:
             with self._redis():
                 raws = self.client.lrange(self.history_key(state_id), -limit, -1)[::-1]
-        return [_change(raw) for raw in raws if raw is not None]
+        return [decode_change(raw) for raw in raws if raw is not None]
 
     def expired(self, now: datetime, limit: int) -> list[State]:
-        raws = self._run("expired", [self._types_key], [self.prefix, _micros(now), limit])
-        due = (_state(raw) for raw in raws if raw is not None)
-        return [s for s in due if s["status"] not in _TOMBSTONES and s.is_expired(now)]
+        raws = self._run("expired", [self._types_key], [self.prefix, epoch_micros(now), limit])
+        due = (decode_state(raw) for raw in raws if raw is not None)
+        return [s for s in due if s["status"] not in TOMBSTONES and s.is_expired(now)]
 
     def state_ids(self, after: str | None, limit: int) -> list[str]:
         start = "-" if after is None else f"({after}"
         with self._redis():
             ids = self.client.zrangebylex(self._ids_key, start, "+", start=0, num=limit)
-        return [_text(i) for i in ids]
+        return [to_text(i) for i in ids]
 
     def stored_ids(self, state_ids: Sequence[str]) -> set[str]:
         """Ids in ``<prefix>:ids``: also those whose tombstone Redis dropped."""
@@ -542,8 +552,8 @@ class RedisStore(Store):
             [
                 type_name,
                 retention.keep_last or False,
-                False if retention.keep_since is None else _stamp(retention.keep_since),
-                False if retention.purge_before is None else _stamp(retention.purge_before),
+                False if retention.keep_since is None else utc_stamp(retention.keep_since),
+                False if retention.purge_before is None else utc_stamp(retention.purge_before),
                 dry_run,
             ]
         )
@@ -552,7 +562,7 @@ class RedisStore(Store):
             while True:
                 with self._redis():
                     cursor, found = self.client.zscan(source, cursor, count=batch_size)
-                ids = [_text(cast("bytes | str", member)) for member, _score in found]
+                ids = [to_text(cast("bytes | str", member)) for member, _score in found]
                 # A small set comes back whole, whatever COUNT says.
                 for start in range(0, len(ids), batch_size):
                     yield self._prune_batch(type_name, ids[start : start + batch_size], rule)
@@ -570,7 +580,7 @@ class RedisStore(Store):
             ]
         keys.append(self._ids_key)
         reply = self._run("prune", keys, [rule, *ids])
-        purged = tuple(_text(i) for i in reply[1:])
+        purged = tuple(to_text(i) for i in reply[1:])
         self._records.forget(purged)
         return Pruned(len(ids), int(reply[0]), purged)
 
@@ -616,7 +626,7 @@ class RedisStore(Store):
         nothing (which a stale record could explain, so only a fresh read may
         say so).
         """
-        rows: dict[str, State | None] = {i: _state(raw) for i, (raw, _) in known.items()}
+        rows: dict[str, State | None] = {i: decode_state(raw) for i, (raw, _) in known.items()}
         try:
             writes = plan({i: rows[i] for i in state_ids}, {i: known[i][1] for i in state_ids})
         except Exception:  # noqa: BLE001 - planned from a record that may be stale
@@ -644,8 +654,8 @@ class RedisStore(Store):
                 "(versions 1 to the state's version), so it cannot restore a pruned one.",
                 {"history": ["Versions 1 to the state's version, each once."]},
             )
-        documents = [_document(state), *(_document(c) for c in changes)]
-        tombstone_ms = self._tombstone_ms if state["status"] in _TOMBSTONES else 0
+        documents = [encode_document(state), *(encode_document(c) for c in changes)]
+        tombstone_ms = self._tombstone_ms if state["status"] in TOMBSTONES else 0
         entries = [f"{state_id} {c['version']} {c['change_id']}" for c in changes]
         deadline = time.monotonic() + self._lock_wait
         while True:
@@ -656,7 +666,7 @@ class RedisStore(Store):
                 raw, length = pipe.execute()
             if not replace and (raw is not None or length > 0):
                 raise restore_refused(state_id)
-            keys = _Keys()
+            keys = ScriptKeys()
             for name in (
                 self.state_key(state_id),
                 self.history_key(state_id),
@@ -666,7 +676,7 @@ class RedisStore(Store):
                 self.pruned_key(state_id),
             ):
                 keys.add(name)
-            current = None if raw is None else _state(raw)
+            current = None if raw is None else decode_state(raw)
             checks, operations = self._index_operations(
                 {state_id: current}, {state_id: state}, keys
             )
@@ -725,13 +735,13 @@ class RedisStore(Store):
         heads: dict[str, str | None] = {}
         for n, state_id in enumerate(ids):
             raw, version, last = reply[1 + 3 * n : 4 + 3 * n]
-            change = _change(last) if last is not None else None
+            change = decode_change(last) if last is not None else None
             heads[state_id] = change.get("hash") if change is not None else None
             if raw is not None:
-                rows[state_id] = _state(raw)
+                rows[state_id] = decode_state(raw)
                 self._records.put(state_id, int(version), raw, heads[state_id])
             elif int(version) > 0:
-                rows[state_id] = _dropped_tombstone(state_id, int(version), change)
+                rows[state_id] = dropped_tombstone(state_id, int(version), change)
             else:
                 rows[state_id] = None
         return rows, heads
@@ -770,17 +780,17 @@ class RedisStore(Store):
             if state_id not in numbers:
                 raise ValueError(f"The plan wrote {state_id!r}, which apply() did not read.")
             final[state_id] = state
-            document = documents[state_id] = _document(state)
-            args += [document, _document(write.change)]
+            document = documents[state_id] = encode_document(state)
+            args += [document, encode_document(write.change)]
             logged = f"{state_id} {state['version']} {write.change['change_id']}"
             entries += [numbers[state_id], write.expected_version, logged]
         tombstones = [
-            state_id in final and final[state_id]["status"] in _TOMBSTONES for state_id in ids
+            state_id in final and final[state_id]["status"] in TOMBSTONES for state_id in ids
         ]
         if remembered is not None:
             args += [remembered[state_id] for state_id in ids]
         for _ in range(10):
-            keys = _Keys()
+            keys = ScriptKeys()
             for state_id in ids:
                 keys.add(self.state_key(state_id))
                 keys.add(self.history_key(state_id))
@@ -837,12 +847,12 @@ class RedisStore(Store):
         limited: dict[str, tuple[int, list[str]]] = {}
         for write in writes:
             state = write.state
-            if write.limit is not None and state["status"] not in _TOMBSTONES:
+            if write.limit is not None and state["status"] not in TOMBSTONES:
                 limit, ids = limited.setdefault(state["type"], (write.limit, []))
                 ids.append(state["state_id"])
         return limited
 
-    def _limits(self, writes: Sequence[Write], keys: _Keys) -> list[Any]:
+    def _limits(self, writes: Sequence[Write], keys: ScriptKeys) -> list[Any]:
         """The commit script's limit checks: type set key number, maximum, created ids."""
         checks: list[Any] = []
         for type_name, (limit, ids) in self._limitations(writes).items():
@@ -860,7 +870,7 @@ class RedisStore(Store):
         )
 
     def _index_operations(
-        self, rows: Mapping[str, State | None], final: Mapping[str, State], keys: _Keys
+        self, rows: Mapping[str, State | None], final: Mapping[str, State], keys: ScriptKeys
     ) -> tuple[list[Any], list[Any]]:
         """The definition checks and index operations that take *rows* to *final*.
 
@@ -907,17 +917,17 @@ class RedisStore(Store):
             return {}
         type_name = state["type"]
         state_id = state["state_id"]
-        if state["status"] in _TOMBSTONES:
+        if state["status"] in TOMBSTONES:
             # A dropped tombstone's stand-in has no type: it was in a set once.
             if not type_name:
                 return {}
-            return {(self.tombstones_key(type_name), state_id): _micros(state["updated_at"])}
-        entries = {(self.type_key(type_name), state_id): _micros(state["updated_at"])}
+            return {(self.tombstones_key(type_name), state_id): epoch_micros(state["updated_at"])}
+        entries = {(self.type_key(type_name), state_id): epoch_micros(state["updated_at"])}
         if state["expires_at"] is not None:
-            entries[(self.expiry_key(type_name), state_id)] = _micros(state["expires_at"])
+            entries[(self.expiry_key(type_name), state_id)] = epoch_micros(state["expires_at"])
         declared = definitions.get(type_name)
-        for field in _fields(declared) if declared else ():
-            member = _member(state, field)
+        for field in declared_fields(declared) if declared else ():
+            member = index_member(state, field)
             if member is not None:
                 entries[(self.index_key(type_name, field), member.decode())] = 0
         return entries
@@ -957,16 +967,16 @@ class RedisStore(Store):
         keys: list[str] = []
         args: list[Any] = []
         for state_id, raw, entries in zip(ids, raws, histories, strict=True):
-            new = None if raw is None else states(_state(raw))
+            new = None if raw is None else states(decode_state(raw))
             if new is not None:
                 keys.append(self.state_key(state_id))
-                args += ["s", 0, raw, _document(new)]
+                args += ["s", 0, raw, encode_document(new)]
             for entry in entries:
-                change = _change(entry)
+                change = decode_change(entry)
                 rewritten = changes(change)
                 if rewritten is not None:
                     keys += [self.history_key(state_id), self.pruned_key(state_id)]
-                    args += ["h", change["version"], entry, _document(rewritten)]
+                    args += ["h", change["version"], entry, encode_document(rewritten)]
         if keys:
             self._run("rewrite", keys, args)
         self._records.forget(ids)
@@ -996,7 +1006,7 @@ class RedisStore(Store):
         with self._redis():
             doomed: list[Any] = []
             for key in self.client.scan_iter(match=pattern, count=1000):
-                name = _text(key)
+                name = to_text(key)
                 if name in singles or name.startswith(families):
                     doomed.append(key)
                 if len(doomed) >= 500:
@@ -1014,186 +1024,3 @@ class RedisStore(Store):
 
 class _Stale(Exception):
     """An optimistic commit found a state moved on or locked: nothing was written."""
-
-
-class _Records:
-    """A bounded, thread-safe LRU of each state's last known document, by id.
-
-    Holds the encoded document (immutable bytes), its version and the hash
-    of its history entry (the head the next entry chains to; a read does not
-    learn it, a write or a locked read does); every use decodes a fresh copy.
-    A record never makes a read wrong: only :meth:`RedisStore.apply` plans from
-    it, and the commit's compare-and-set refuses a plan made from a stale one.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[str, tuple[int, bytes | str, str | None]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def recall(self, state_ids: Sequence[str]) -> dict[str, tuple[bytes | str, str | None]] | None:
-        """The documents and history heads of *state_ids*, or ``None`` unless
-        every one is known."""
-        found: dict[str, tuple[bytes | str, str | None]] = {}
-        with self._lock:
-            items = self._items
-            for state_id in state_ids:
-                item = items.get(state_id)
-                if item is None or item[2] == _UNKNOWN_HEAD:
-                    return None
-                items.move_to_end(state_id)
-                found[state_id] = item[1], item[2]
-        return found
-
-    def put(self, state_id: str, version: int, document: bytes | str, head: str | None) -> None:
-        """Remember *document* and the hash of its history entry (*head*,
-        ``_UNKNOWN_HEAD`` from a plain read) unless a newer version is known."""
-        if self._size <= 0:
-            return
-        with self._lock:
-            items = self._items
-            known = items.get(state_id)
-            if known is not None:
-                if known[0] > version:
-                    return
-                if head == _UNKNOWN_HEAD and known[0] == version and known[1] == document:
-                    head = known[2]  # the same record, read again
-                items.move_to_end(state_id)
-            items[state_id] = (version, document, head)
-            if len(items) > self._size:
-                items.popitem(last=False)
-
-    def forget(self, state_ids: Iterable[str]) -> None:
-        with self._lock:
-            for state_id in state_ids:
-                self._items.pop(state_id, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-class _Keys:
-    """The KEYS of a script call, each once, by 1-based number."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self._numbers: dict[str, int] = {}
-
-    def add(self, name: str) -> int:
-        """Add *name* unless present; return its number."""
-        number = self._numbers.get(name)
-        if number is None:
-            self.names.append(name)
-            number = self._numbers[name] = len(self.names)
-        return number
-
-
-# -- documents ------------------------------------------------------------------
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _stamp(value: datetime) -> str:
-    """ISO-8601 UTC with microseconds always present: fixed width, ordered as strings."""
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def _micros(value: datetime) -> int:
-    """Microseconds since the epoch: exact as a sorted-set score until the year 2255."""
-    return (value - _EPOCH) // _MICROSECOND
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return _stamp(value)
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _document(record: Mapping[str, Any]) -> bytes:
-    return codec.dumps_record(record, _stamp)
-
-
-def _state(raw: bytes | str) -> State:
-    return State.from_json(codec.loads(raw))
-
-
-def _change(raw: bytes | str) -> Change:
-    return Change.from_json(codec.loads(raw))
-
-
-def _dropped_tombstone(state_id: str, version: int, change: Change | None) -> State:
-    """Stand-in for a tombstone whose document Redis dropped, from its last change.
-
-    Only the engine's plan sees it (reads return ``None``); all a plan takes from
-    a tombstone is its version, so a new registration goes on from there.
-    """
-    status = change["metadata"].get("to_status") if change else None
-    when = change["created_at"] if change else _EPOCH
-    return State.from_columns(
-        state_id=state_id,
-        name=state_id,
-        type="",
-        status=status if status in _TOMBSTONES else DELETED,
-        data={},
-        metadata={},
-        version=version,
-        created_at=when,
-        updated_at=when,
-        expires_at=None,
-    )
-
-
-@lru_cache(maxsize=256)
-def _fields(declared: str) -> tuple[str, ...]:
-    """The declared fields of a stored index definition, sorted."""
-    return tuple(sorted(codec.loads(declared)))
-
-
-def _definition(fields: Mapping[str, bool]) -> str:
-    return codec.dumps(dict(sorted(fields.items()))).decode()
-
-
-# -- declared field indexes -----------------------------------------------------------
-
-
-def _encode(value: Any) -> bytes | None:
-    """A scalar as an index key: equal (by the reference semantics) iff equal bytes.
-
-    Kinds are tagged so ``True`` is not ``1``; numbers equal in Python (``1``
-    and ``1.0``) share one form, and integers stay exact. Lists and objects
-    are not indexed.
-    """
-    if value is None:
-        return b"z"
-    if value is True:
-        return b"t"
-    if value is False:
-        return b"f"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int):
-        return b"n%d" % value
-    if isinstance(value, float):
-        return b"n" + repr(value).encode()
-    if isinstance(value, str):
-        return b"s" + value.encode()
-    return None
-
-
-def _member(state: State, field: str) -> bytes | None:
-    """The member of *state* in the index of *field*, or ``None`` if not a scalar there."""
-    root, *path = field.split(".")
-    value: Any = state[root]
-    for name in path:
-        if not isinstance(value, dict) or name not in value:
-            return None
-        value = value[name]
-    encoded = _encode(value)
-    return None if encoded is None else encoded + b"\0" + state["state_id"].encode()

@@ -1,0 +1,210 @@
+"""How the Redis store writes records down, and what it remembers of them.
+
+Documents are JSON with timestamps in one fixed-width UTC format, so they
+compare correctly as strings in Lua; declared-field index members encode a
+scalar so that values equal by the reference semantics share one form. The
+:class:`RecordCache` keeps, per process, the last document of each state (and
+its history head) that the one-round-trip commit plans from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+from .. import codec
+from ..definitions import DELETED, EXPIRED
+from ..records import Change, State
+
+TOMBSTONES = (DELETED, EXPIRED)
+#: A remembered record whose history head is not known (never a SHA-256 hex digest).
+UNKNOWN_HEAD = "?"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class RecordCache:
+    """A bounded, thread-safe LRU of each state's last known document, by id.
+
+    Holds the encoded document (immutable bytes), its version and the hash
+    of its history entry (the head the next entry chains to; a read does not
+    learn it, a write or a locked read does); every use decodes a fresh copy.
+    A record never makes a read wrong: only :meth:`RedisStore.apply` plans from
+    it, and the commit's compare-and-set refuses a plan made from a stale one.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, tuple[int, bytes | str, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def recall(self, state_ids: Sequence[str]) -> dict[str, tuple[bytes | str, str | None]] | None:
+        """The documents and history heads of *state_ids*, or ``None`` unless
+        every one is known."""
+        found: dict[str, tuple[bytes | str, str | None]] = {}
+        with self._lock:
+            items = self._items
+            for state_id in state_ids:
+                item = items.get(state_id)
+                if item is None or item[2] == UNKNOWN_HEAD:
+                    return None
+                items.move_to_end(state_id)
+                found[state_id] = item[1], item[2]
+        return found
+
+    def put(self, state_id: str, version: int, document: bytes | str, head: str | None) -> None:
+        """Remember *document* and the hash of its history entry (*head*,
+        ``UNKNOWN_HEAD`` from a plain read) unless a newer version is known."""
+        if self._size <= 0:
+            return
+        with self._lock:
+            items = self._items
+            known = items.get(state_id)
+            if known is not None:
+                if known[0] > version:
+                    return
+                if head == UNKNOWN_HEAD and known[0] == version and known[1] == document:
+                    head = known[2]  # the same record, read again
+                items.move_to_end(state_id)
+            items[state_id] = (version, document, head)
+            if len(items) > self._size:
+                items.popitem(last=False)
+
+    def forget(self, state_ids: Iterable[str]) -> None:
+        with self._lock:
+            for state_id in state_ids:
+                self._items.pop(state_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class ScriptKeys:
+    """The KEYS of a script call, each once, by 1-based number."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._numbers: dict[str, int] = {}
+
+    def add(self, name: str) -> int:
+        """Add *name* unless present; return its number."""
+        number = self._numbers.get(name)
+        if number is None:
+            self.names.append(name)
+            number = self._numbers[name] = len(self.names)
+        return number
+
+
+# -- documents ------------------------------------------------------------------
+
+
+def to_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def utc_stamp(value: datetime) -> str:
+    """ISO-8601 UTC with microseconds always present: fixed width, ordered as strings."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def epoch_micros(value: datetime) -> int:
+    """Microseconds since the epoch: exact as a sorted-set score until the year 2255."""
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return utc_stamp(value)
+    if isinstance(value, tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def encode_document(record: Mapping[str, Any]) -> bytes:
+    return codec.dumps_record(record, utc_stamp)
+
+
+def decode_state(raw: bytes | str) -> State:
+    return State.from_json(codec.loads(raw))
+
+
+def decode_change(raw: bytes | str) -> Change:
+    return Change.from_json(codec.loads(raw))
+
+
+def dropped_tombstone(state_id: str, version: int, change: Change | None) -> State:
+    """Stand-in for a tombstone whose document Redis dropped, from its last change.
+
+    Only the engine's plan sees it (reads return ``None``); all a plan takes from
+    a tombstone is its version, so a new registration goes on from there.
+    """
+    status = change["metadata"].get("to_status") if change else None
+    when = change["created_at"] if change else _EPOCH
+    return State.from_columns(
+        state_id=state_id,
+        name=state_id,
+        type="",
+        status=status if status in TOMBSTONES else DELETED,
+        data={},
+        metadata={},
+        version=version,
+        created_at=when,
+        updated_at=when,
+        expires_at=None,
+    )
+
+
+@lru_cache(maxsize=256)
+def declared_fields(declared: str) -> tuple[str, ...]:
+    """The declared fields of a stored index definition, sorted."""
+    return tuple(sorted(codec.loads(declared)))
+
+
+def definition_json(fields: Mapping[str, bool]) -> str:
+    return codec.dumps(dict(sorted(fields.items()))).decode()
+
+
+# -- declared field indexes -----------------------------------------------------------
+
+
+def encode_scalar(value: Any) -> bytes | None:
+    """A scalar as an index key: equal (by the reference semantics) iff equal bytes.
+
+    Kinds are tagged so ``True`` is not ``1``; numbers equal in Python (``1``
+    and ``1.0``) share one form, and integers stay exact. Lists and objects
+    are not indexed.
+    """
+    if value is None:
+        return b"z"
+    if value is True:
+        return b"t"
+    if value is False:
+        return b"f"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return b"n%d" % value
+    if isinstance(value, float):
+        return b"n" + repr(value).encode()
+    if isinstance(value, str):
+        return b"s" + value.encode()
+    return None
+
+
+def index_member(state: State, field: str) -> bytes | None:
+    """The member of *state* in the index of *field*, or ``None`` if not a scalar there."""
+    root, *path = field.split(".")
+    value: Any = state[root]
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
+            return None
+        value = value[name]
+    encoded = encode_scalar(value)
+    return None if encoded is None else encoded + b"\0" + state["state_id"].encode()
