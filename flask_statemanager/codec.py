@@ -10,6 +10,7 @@ with string keys; orjson alone would quietly accept datetimes or turn NaN into
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -42,6 +43,39 @@ def dumps_str(value: Any, *, lenient: bool = False) -> str:
 
 
 loads = orjson.loads
+
+
+#: What the encoding of a document that :func:`_canonical_numbers` may change
+#: holds: a number written with an exponent, or negative zero.
+_NUMBER_TO_FIX = re.compile(rb"[0-9]e|-0\.0")
+
+
+def _canonical_numbers(value: Any, path: str) -> Any:
+    """*value* with every float as PostgreSQL's ``jsonb`` gives it back.
+
+    ``jsonb`` keeps numbers as decimals: ``-0.0`` comes back as ``0.0``, and a
+    float of 1e16 or more (always integral) as an integer. Writing them so in
+    the first place makes every store, the Redis cache and an export agree.
+    """
+    kind = type(value)
+    if kind is float:
+        if value == 0.0:
+            return 0.0
+        if abs(value) >= 1e16 and value.is_integer():
+            if abs(value) < 2**63:
+                return int(value)
+            if abs(value) < 2**64:
+                raise StateValidationError(
+                    f"Not storable exactly: {path}: {value!r} comes back from PostgreSQL as an "
+                    "integer beyond 64 bits; store it as a string.",
+                    {path: ["Store it as a string."]},
+                )
+        return value
+    if kind is dict:
+        return {k: _canonical_numbers(v, f"{path}.{k}") for k, v in value.items()}
+    if kind is list:
+        return [_canonical_numbers(v, f"{path}[{n}]") for n, v in enumerate(value)]
+    return value
 
 
 class _TooDeep(Exception):
@@ -105,8 +139,12 @@ def check_text(value: Any, field: str, *, max_length: int = 255) -> str:
     return value  # type: ignore[no-any-return]
 
 
-def check_document(value: Any, field: str, *, max_depth: int) -> int:
-    """Check that *value* is a JSON object within the nesting limit; return its encoded size.
+def check_document(value: Any, field: str, *, max_depth: int) -> tuple[Any, int]:
+    """Check that *value* is a JSON object within the nesting limit.
+
+    Returns the document with its numbers as every store gives them back (see
+    :func:`_canonical_number`; *value* itself when nothing changes, the common
+    case) and its encoded size.
 
     :raises StateValidationError: not a ``dict`` or holds a non-JSON value.
     :raises StateLimitError: nested deeper than *max_depth*.
@@ -129,7 +167,11 @@ def check_document(value: Any, field: str, *, max_depth: int) -> int:
     if problem is not None:
         raise StateValidationError(f"Not JSON-serialisable: {problem}.", {field: [problem]})
     try:
-        return len(orjson.dumps(value))
+        encoded = orjson.dumps(value)
+        if _NUMBER_TO_FIX.search(encoded):  # rare: an exponent, or -0.0 (or such text)
+            value = _canonical_numbers(value, field)
+            encoded = orjson.dumps(value)
+        return value, len(encoded)
     except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in a string
         raise StateValidationError(
             f"Not JSON-serialisable: {field}: {exc}; strings must be valid Unicode text.",

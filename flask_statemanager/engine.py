@@ -422,8 +422,9 @@ def _prepare(
     metadata = (
         proposal.metadata if proposal.metadata is not None else (live["metadata"] if live else {})
     )
-    size = codec.check_document(data, "data", max_depth=settings.max_depth)
-    size += codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
+    data, size = codec.check_document(data, "data", max_depth=settings.max_depth)
+    metadata, more = codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
+    size += more
     if live is None:
         # New records are written in the type's newest data shape.
         newest = registry.migrations.latest(type_name) or DEFAULT_VERSION

@@ -8,6 +8,7 @@ error types, and that nothing is written when an operation is refused.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -334,6 +335,27 @@ class StoreContract:
         assert len({c["change_id"] for c in sm.get_state_history("a")}) == 5
 
     # -- tamper-evident history -----------------------------------------------------------
+
+    def test_numbers_read_back_the_same_on_every_store(self, sm: StateManager) -> None:
+        """PostgreSQL's jsonb turns -0.0 into 0.0 and 1e16 into an integer: every
+        store writes them that way, so the returned record, a later read, the
+        history and an export agree everywhere."""
+        data = {"big": 1e16, "huge": 1e20, "negz": -0.0, "tiny": 1.5e-7, "one": 1.0, "n": [2e18]}
+        written = sm.register_state("nums", "user", user(**data))
+        expected = {
+            "big": 10**16, "huge": 1e20, "negz": 0.0, "tiny": 1.5e-7, "one": 1.0, "n": [2 * 10**18]
+        }  # fmt: skip
+        for record in (written, sm.get_state("nums"), sm.store.primary.get("nums")):
+            assert record is not None
+            assert record["data"] == expected
+            assert {k: type(v) for k, v in record["data"].items()} == {
+                k: type(v) for k, v in expected.items()
+            }
+            assert math.copysign(1.0, record["data"]["negz"]) == 1.0
+        assert sm.get_state_history("nums")[0]["new_data"] == expected
+        with pytest.raises(StateValidationError, match="store it as a string"):
+            sm.update_state("nums", user(big=1e19))  # an integer beyond int64 on PostgreSQL
+        assert sm.get_state("nums")["version"] == 1
 
     def test_every_entry_is_chained_to_the_one_before(self, sm: StateManager) -> None:
         sm.register_state("a", "user", user(n=1.5, neg=-0.0, big=1e20, text="é ☃"))
