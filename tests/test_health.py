@@ -259,10 +259,11 @@ def test_missing_tables_are_unhealthy_and_not_ready(tmp_path: Path, postgres_url
 # -- the state count --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefix", ["statemanager_", "Mixed_Case_"])
 def test_postgres_state_count_is_the_planner_estimate_once_large(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, postgres_url: str, prefix: str
 ) -> None:
-    app = _app(tmp_path, STATEMANAGER_DATABASE_URI=postgres_url)
+    app = _app(tmp_path, STATEMANAGER_DATABASE_URI=postgres_url, STATEMANAGER_TABLE_PREFIX=prefix)
     with app.app_context():
         sm = StateManager()
         sm.create_all()
@@ -279,7 +280,8 @@ def test_postgres_state_count_is_the_planner_estimate_once_large(
         assert (body["state_count"], body["state_count_exact"]) == (30, True)
         autocommit = store.engine.execution_options(isolation_level="AUTOCOMMIT")
         with autocommit.connect() as conn:
-            conn.execute(sa.text(f"ANALYZE {store.states.name}"))
+            quoted = store.engine.dialect.identifier_preparer.format_table(store.states)
+            conn.execute(sa.text(f"ANALYZE {quoted}"))
         store.EXACT_COUNT_BELOW = 5  # as if 40 rows were millions
         body = _get(client, "/health").get_json()
         # The planner's estimate of live rows: the deleted ones are left out.

@@ -370,7 +370,10 @@ class SQLStore(Store):
         with self._connect() as conn:
             # reltuples is -1 until the first VACUUM or ANALYZE.
             analysed = conn.execute(
-                sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:table)"),
+                # quote_ident: a prefix with capitals makes a quoted table name.
+                sa.text(
+                    "SELECT reltuples FROM pg_class WHERE oid = to_regclass(quote_ident(:table))"
+                ),
                 {"table": self.states.name},
             ).scalar()
             if analysed is not None and analysed >= self.EXACT_COUNT_BELOW:
