@@ -502,7 +502,13 @@ def import_(source: IO[bytes], replace: bool) -> None:
     manager = _manager()
     store = manager.store
     with _clear_errors():
-        with prepare_import(store, source, manager.get_type, replace=replace) as prepared:
+        with prepare_import(
+            store,
+            source,
+            manager.get_type,
+            replace=replace,
+            check_keys=manager.check_encrypted,
+        ) as prepared:
             with click.progressbar(
                 length=prepared.states, label="Importing", file=_stderr()
             ) as bar:

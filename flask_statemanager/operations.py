@@ -628,6 +628,18 @@ class StateOperations:
         with self._operation("sweep_expired") as runtime:
             return sweep(self._registry, runtime, limit)
 
+    def check_encrypted(self, state: State, history: Sequence[Change] = ()) -> None:
+        """Check that this app's keys open a stored state's encrypted values
+        (and its history's), as ``flask states import`` does for every line.
+
+        :raises ConfigurationError: no configured key opens a value, or the
+            state's type has encrypted fields and no keys are configured.
+        """
+        encryption = self._runtime().encryption
+        encryption.open_state(state)
+        for change in history:
+            encryption.open_change(change)
+
     def rotate_encryption_keys(
         self, *, batch_size: int = 500
     ) -> tuple[int, Iterator[int], dict[str, int]]:

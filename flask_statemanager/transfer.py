@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +34,7 @@ import orjson
 
 from .codec import check_text
 from .engine import check_state_id
-from .errors import StateManagerError, StateValidationError
+from .errors import ConfigurationError, StateManagerError, StateValidationError
 from .records import CHANGE_KEYS, STATE_COLUMNS, Change, State, parse_time
 from .stores.base import Store, check_restore
 
@@ -294,11 +294,15 @@ def prepare_import(
     check_type: Callable[[str], object],
     *,
     replace: bool = False,
+    check_keys: Callable[[State, Sequence[Change]], object] | None = None,
 ) -> Iterator[PreparedImport]:
     """Read and check every line of an export before anything is written.
 
     :param replace: states the store already holds will be overwritten; without
         it, such a state makes the whole file refused.
+    :param check_keys: opens a state's encrypted values (and its history's)
+        with this app's keys; a :class:`ConfigurationError` from it (no key
+        opens them) refuses the file, naming the line.
     :raises TransferError: a malformed line, an id given twice, or (without
         *replace*) an id the store holds; nothing was written.
     """
@@ -310,6 +314,15 @@ def prepare_import(
             if not raw.strip():
                 continue
             state, history = decode(raw, number, check_type)
+            if check_keys is not None:
+                try:
+                    check_keys(state, history)
+                except ConfigurationError as exc:
+                    raise TransferError(
+                        f"{exc} The file was exported with other keys: set "
+                        "STATEMANAGER_ENCRYPTION_KEYS to include them; nothing was imported.",
+                        line=number,
+                    ) from None
             state_id = state["state_id"]
             if state_id in lines_of:
                 raise TransferError(

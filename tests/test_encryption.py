@@ -423,3 +423,37 @@ def test_values_of_any_json_type_round_trip(tmp_path: Path) -> None:
         assert stored is not None
         assert all(stored["data"][k].startswith("fernet:") for k in "abcd")
         assert stored["data"]["e"] == "plain"
+
+
+def test_import_refuses_a_file_this_apps_keys_cannot_open(tmp_path: Path) -> None:
+    """An export keeps ciphertext: importing it where no key opens it is refused
+    up front, naming the line, instead of succeeding and failing every read."""
+    manager = StateManager()
+    register_types(manager)
+    source = make_app(
+        tmp_path / "a", STATEMANAGER_DATABASE_URI="memory://", STATEMANAGER_ENCRYPTION_KEYS=[KEY_A]
+    )
+    manager.init_app(source)
+    with source.app_context():
+        manager.register_state("p1", "patient", patient(ssn=SSN))
+    exported = source.test_cli_runner().invoke(args=["states", "export"])
+    assert exported.exit_code == 0, exported.output
+    target = make_app(
+        tmp_path / "b", STATEMANAGER_DATABASE_URI="memory://", STATEMANAGER_ENCRYPTION_KEYS=[KEY_B]
+    )
+    manager.init_app(target)
+    refused = target.test_cli_runner().invoke(args=["states", "import"], input=exported.stdout)
+    assert refused.exit_code != 0
+    assert "Line 1" in refused.output and "STATEMANAGER_ENCRYPTION_KEYS" in refused.output
+    with target.app_context():
+        assert manager.store.get("p1") is None  # nothing was imported
+    both = make_app(
+        tmp_path / "c",
+        STATEMANAGER_DATABASE_URI="memory://",
+        STATEMANAGER_ENCRYPTION_KEYS=[KEY_B, KEY_A],
+    )
+    manager.init_app(both)
+    accepted = both.test_cli_runner().invoke(args=["states", "import"], input=exported.stdout)
+    assert accepted.exit_code == 0, accepted.output
+    with both.app_context():
+        assert manager.get_state("p1")["data"]["ssn"] == SSN
