@@ -263,6 +263,12 @@ class Settings:
             raise ConfigurationError(
                 "STATEMANAGER_TABLE_PREFIX must be letters, digits and underscores."
             )
+        if len(prefix) > 32:
+            # PostgreSQL cuts names at 63 bytes: longer prefixes would make the
+            # index names (ix_<prefix>states_type_updated, ...) collide.
+            raise ConfigurationError(
+                f"STATEMANAGER_TABLE_PREFIX must be at most 32 characters, got {len(prefix)}."
+            )
 
         def url(key: str) -> str | None:
             value = values[key]

@@ -138,6 +138,7 @@ def test_standalone_without_app(tmp_path: Path) -> None:
         ("STATEMANAGER_DATABASE_URI", "not a url"),
         ("STATEMANAGER_SQLITE_SYNCHRONOUS", "SOMETIMES"),
         ("STATEMANAGER_TABLE_PREFIX", "bad-prefix;"),
+        ("STATEMANAGER_TABLE_PREFIX", "p" * 33),
     ],
 )
 def test_bad_config_fails_at_init_app(tmp_path: Path, key: str, value: object) -> None:
