@@ -793,7 +793,7 @@ def probe_store(store: Store) -> tuple[dict[str, Any], int | None, bool | None]:
         unreachable or unusable backend: missing tables make it ``"down"`` too.
     """
     start = time.perf_counter()
-    check: dict[str, Any] = {"component": store.kind, "time": isoformat(utcnow())}
+    check: dict[str, Any] = {"component": store.component, "time": isoformat(utcnow())}
     try:
         check.update(store.check())
         check["status"] = "up"

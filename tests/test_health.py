@@ -356,6 +356,7 @@ def test_postgres_down_gives_503_then_healthy_again(
         assert body["status"] == "unhealthy"
         assert body["state_count"] is None
         assert body["checks"]["database"]["status"] == "down"
+        assert body["checks"]["database"]["component"] == "postgresql"  # as when up
         assert body["checks"]["database"]["error"]
         _no_secrets(down, str(private_postgres.port))
         draft = _get(client, "/health", Accept=HEALTH_JSON)

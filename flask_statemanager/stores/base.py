@@ -156,6 +156,11 @@ class Store(ABC):
     embedded: bool = False
 
     @property
+    def component(self) -> str:
+        """The backend's name in health checks, known without reaching it."""
+        return self.kind
+
+    @property
     def primary(self) -> Store:
         """The store that holds the records, behind any cache (checks read it)."""
         return self

@@ -737,6 +737,10 @@ class CachedStore(Store):
     def primary(self) -> Store:
         return self.inner
 
+    @property
+    def component(self) -> str:
+        return self.inner.component
+
     def state_ids(self, after: str | None, limit: int) -> list[str]:
         return self.inner.state_ids(after, limit)
 

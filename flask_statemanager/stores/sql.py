@@ -477,6 +477,10 @@ class SQLStore(Store):
                 raise
         return Pruned(len(ids), entries, tuple(purged))
 
+    @property
+    def component(self) -> str:
+        return self.dialect
+
     def check(self) -> dict[str, Any]:
         with self._connect() as conn:
             conn.execute(sa.text("SELECT 1"))
