@@ -50,8 +50,8 @@ Path = tuple[str, ...]
 def check_encrypted_fields(fields: Iterable[str], indexes: Iterable[str]) -> tuple[str, ...]:
     """Validate a type's ``encrypted_fields`` against its ``indexes``; return them, deduplicated.
 
-    :raises ConfigurationError: a path is malformed, is ``metadata.version``, or
-        overlaps a declared index.
+    :raises ConfigurationError: a path is malformed, is ``metadata.version``,
+        lies inside another encrypted path, or overlaps a declared index.
     """
     if isinstance(fields, str):
         raise ConfigurationError(
@@ -65,6 +65,14 @@ def check_encrypted_fields(fields: Iterable[str], indexes: Iterable[str]) -> tup
                 "metadata.version is the schema version data migrations read; it cannot be "
                 "encrypted."
             )
+    for n, field in enumerate(checked):
+        for other in checked[n + 1 :]:
+            if _overlaps(_path(field), _path(other)):
+                inner, outer = sorted((field, other), key=len, reverse=True)
+                raise ConfigurationError(
+                    f"encrypted_fields lists {inner!r} inside {outer!r}: encrypting {outer!r} "
+                    f"already covers it; list only {outer!r}."
+                )
     for index in indexes:
         for field in checked:
             if _overlaps(_path(index), _path(field)):

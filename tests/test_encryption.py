@@ -391,6 +391,8 @@ def test_keys_never_appear_in_errors(tmp_path: Path) -> None:
         (["data.ssn"], ["data.ssn"], "Cannot index 'data.ssn'"),
         (["data.card.number"], ["data.card"], "Cannot index 'data.card'"),
         (["data.card"], ["data.card.number"], "Cannot index"),
+        (["data.card.number", "data.card"], (), "'data.card.number' inside 'data.card'"),
+        (["data.card", "data.card.number"], (), "list only 'data.card'"),
     ],
 )
 def test_bad_encrypted_fields_are_configuration_errors(
