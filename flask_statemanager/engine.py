@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from . import codec
 from .audit import seal
@@ -345,6 +345,8 @@ def _plan_one(
     limit = None
     if op.create_type is not None:
         limit = (limits or Limits(registry, runtime)).admit(op.create_type, state_id, row)
+    elif limits is not None and live is not None and new_state["status"] in (DELETED, EXPIRED):
+        limits.release(live["type"])  # a later creation in the batch may take its place
     writes.append((Write(new_state, base["version"] if base else 0, change, limit), upgraded))
     return writes
 
@@ -395,6 +397,15 @@ class Limits:
             )
         self._counts[type_name] = count
         return maximum
+
+    def release(self, type_name: str) -> None:
+        """Count one state of *type_name* less (the batch deletes or expires it)."""
+        maximum = self.maximum(type_name)
+        if maximum is None:
+            return
+        if type_name not in self._counts:
+            self._counts[type_name] = self._runtime.store.count_type(type_name, maximum + 1)
+        self._counts[type_name] -= 1
 
 
 def _prepare(
@@ -466,7 +477,12 @@ def _prepare(
         updated_at=now,
         expires_at=expires_at,
     )
-    data_changed = proposal.data is not None or proposal.metadata is not None or live is None
+    data_changed = (
+        proposal.data is not None
+        or proposal.metadata is not None
+        or live is None
+        or "migrated_from" in (proposal.note or {})  # a migration rewrote the data
+    )
     validators = registry.validators.get(type_name, [])
     if definition.validator is not None:
         validators = [definition.validator, *validators]
@@ -568,8 +584,25 @@ def after_commit(
             change["metadata"].get("from_status"),
             change["metadata"].get("to_status"),
         )
+        # Listeners get the records as get_state returns them: an expiry
+        # records the stored shape, which a migration upgrades on read.
+        old, state = _as_read(registry, old), _as_read(registry, state)
         dispatch(
             runtime,
             registry.callbacks,
             Committed(state["state_id"], state["type"], change["transition"], old, state, change),
         )
+
+
+@overload
+def _as_read(registry: Registry, record: State) -> State: ...
+@overload
+def _as_read(registry: Registry, record: None) -> None: ...
+def _as_read(registry: Registry, record: State | None) -> State | None:
+    """*record* upgraded to its type's newest schema (as stored if a migration fails)."""
+    if record is None:
+        return None
+    try:
+        return registry.migrations.upgrade(record)[0]
+    except MigrationError:
+        return record

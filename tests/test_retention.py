@@ -314,6 +314,22 @@ class RetentionContract:
         assert [isinstance(o, StateLimitError) for o in result.outcomes] == [False, True, True]
         assert sm.search_states("slot").total == 2
 
+    def test_a_delete_in_the_same_batch_frees_its_place(self, sm: StateManager) -> None:
+        sm.register_state("s1", "slot", doc())
+        sm.register_state("s2", "slot", doc())  # full: slot holds at most 2
+        with sm.transaction() as tx:
+            tx.delete_state("s2")
+            tx.register_state("s3", "slot", doc())
+        with sm.transaction() as tx:
+            tx.delete_state("s3")
+            tx.register_state("s3", "slot", doc(again=True))  # the same id, a new life
+        assert sorted(s["state_id"] for s in sm.search_states("slot")) == ["s1", "s3"]
+        with pytest.raises(StateLimitError), sm.transaction() as tx:
+            tx.delete_state("s1")
+            tx.register_state("s4", "slot", doc())
+            tx.register_state("s5", "slot", doc())  # one too many, even after the delete
+        assert sorted(s["state_id"] for s in sm.search_states("slot")) == ["s1", "s3"]
+
     def test_global_max_states_per_type(self, make: MakeApp) -> None:
         manager = StateManager()
         manager.register_type("roomy", max_states=3)

@@ -842,25 +842,31 @@ class RedisStore(Store):
             "The index definitions kept changing during a write; retry it.", backend="redis"
         )
 
-    def _limitations(self, writes: Sequence[Write]) -> dict[str, tuple[int, list[str]]]:
-        """Per type with a ``max_states``: the limit and the ids the writes create in it."""
-        limited: dict[str, tuple[int, list[str]]] = {}
+    def _limitations(self, writes: Sequence[Write]) -> dict[str, tuple[int, list[str], list[str]]]:
+        """Per type the writes create a state of that has a ``max_states``: the
+        limit, the ids the batch leaves live in the type, and the other ids it
+        writes (which leave the type if they were in it)."""
+        limited: dict[str, tuple[int, list[str], list[str]]] = {}
         for write in writes:
-            state = write.state
-            if write.limit is not None and state["status"] not in TOMBSTONES:
-                limit, ids = limited.setdefault(state["type"], (write.limit, []))
-                ids.append(state["state_id"])
+            if write.limit is not None and write.state["status"] not in TOMBSTONES:
+                limited.setdefault(write.state["type"], (write.limit, [], []))
+        if limited:
+            final = {w.state["state_id"]: w.state for w in writes}
+            for state_id, state in final.items():
+                for type_name, (_, inside, outside) in limited.items():
+                    live = state["type"] == type_name and state["status"] not in TOMBSTONES
+                    (inside if live else outside).append(state_id)
         return limited
 
     def _limits(self, writes: Sequence[Write], keys: ScriptKeys) -> list[Any]:
-        """The commit script's limit checks: type set key number, maximum, created ids."""
+        """The commit script's limit checks: type set key number, maximum, ids."""
         checks: list[Any] = []
-        for type_name, (limit, ids) in self._limitations(writes).items():
-            checks += [keys.add(self.type_key(type_name)), limit, ids]
+        for type_name, (limit, inside, outside) in self._limitations(writes).items():
+            checks += [keys.add(self.type_key(type_name)), limit, inside, outside]
         return checks
 
     def _over_limit(self, writes: Sequence[Write], number: int, count: int) -> StateLimitError:
-        type_name, (limit, _) = list(self._limitations(writes).items())[number - 1]
+        type_name, (limit, _, _) = list(self._limitations(writes).items())[number - 1]
         return StateLimitError(
             f"Type {type_name!r} may hold at most {limit} states (max_states); another "
             "writer created one meanwhile. Delete states of this type or raise the limit.",

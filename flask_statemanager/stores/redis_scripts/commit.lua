@@ -30,8 +30,8 @@
 --         index operations: per operation 'zadd' | 'zrem' | 'sadd', key number,
 --           score, member,
 --         limits (max_states): per limited type, its sorted set's key number,
---           the most live states it may hold, and the ids this batch creates
---           in it;
+--           the most live states it may hold, the ids this batch leaves live
+--           in it, and the other ids the batch writes;
 --       then per write: state document, change document; then, when
 --       optimistic, per state: the document it was planned from
 --
@@ -130,7 +130,9 @@ end
 
 -- 2c. Types with a max_states stay within it: a script runs alone, so the
 --     count is exact whatever other writers do.
-for l = 1, #limits, 3 do
+--     The count is of the type's set after the batch: ids it leaves live in
+--     the type join it, the other ids it writes leave it.
+for l = 1, #limits, 4 do
   local key = KEYS[limits[l]]
   local count = redis.call('ZCARD', key)
   for _, id in ipairs(limits[l + 2]) do
@@ -138,11 +140,16 @@ for l = 1, #limits, 3 do
       count = count + 1
     end
   end
+  for _, id in ipairs(limits[l + 3]) do
+    if redis.call('ZSCORE', key, id) then
+      count = count - 1
+    end
+  end
   if count > limits[l + 1] then
     if not optimistic then
       release()
     end
-    return {0, (l + 2) / 3, count}
+    return {0, (l + 3) / 4, count}
   end
 end
 
