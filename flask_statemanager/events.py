@@ -12,10 +12,10 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import signals
+from . import codec, signals
 from .definitions import event_name
 from .records import Change, State
 
@@ -75,7 +75,20 @@ class Callbacks:
 
 
 def dispatch(runtime: Runtime, callbacks: Callbacks, event: Committed) -> None:
-    """Send the signals and run the callbacks of one committed change."""
+    """Send the signals and run the callbacks of one committed change.
+
+    Listeners get copies of the records: one that changes ``new_state["data"]``
+    never changes the record the write returned to its caller.
+    """
+    sent = [
+        s
+        for s in (signals.state_changed, signals.BY_TRANSITION.get(event.transition))
+        if s is not None and s.receivers
+    ]
+    matched = callbacks.matching(f"{event.state_type}_{event_name(event.transition)}")
+    if not sent and not matched:
+        return
+    event = _private(event)
     kwargs = {
         "state_id": event.state_id,
         "state_type": event.state_type,
@@ -85,9 +98,7 @@ def dispatch(runtime: Runtime, callbacks: Callbacks, event: Committed) -> None:
         "change": event.change,
     }
     sender = runtime.app
-    for signal in (signals.state_changed, signals.BY_TRANSITION.get(event.transition)):
-        if signal is None or not signal.receivers:
-            continue
+    for signal in sent:
         for receiver in signal.receivers_for(sender):
             try:
                 receiver(sender, **kwargs)
@@ -99,12 +110,39 @@ def dispatch(runtime: Runtime, callbacks: Callbacks, event: Committed) -> None:
                     signal.name,
                     event.state_id,
                 )
-    matched = callbacks.matching(f"{event.state_type}_{event_name(event.transition)}")
     for fn in matched:
         if runtime.executor is None:
             _run_callback(runtime, fn, event)
         else:
             runtime.executor.submit(_run_in_app, runtime, fn, event)
+
+
+def _private(event: Committed) -> Committed:
+    """*event* with its own copies of every mutable part of the records."""
+
+    def state(record: State | None) -> State | None:
+        if record is None:
+            return None
+        return State(record, data=_copy(record["data"]), metadata=_copy(record["metadata"]))
+
+    change = event.change
+    new_state = state(event.new_state)
+    assert new_state is not None
+    return replace(
+        event,
+        old_state=state(event.old_state),
+        new_state=new_state,
+        change=Change(
+            change,
+            old_data=_copy(change["old_data"]),
+            new_data=_copy(change["new_data"]),
+            metadata=_copy(change["metadata"]),
+        ),
+    )
+
+
+def _copy(value: Any) -> Any:
+    return None if value is None else codec.loads(codec.dumps(value))
 
 
 def _run_in_app(runtime: Runtime, fn: Callback, event: Committed) -> None:

@@ -279,8 +279,9 @@ class StateOperations:
             if needs_expiry(row, now) and runtime.settings.expire_on_read:
                 recorded = expire(self._registry, runtime, state_id)  # already decrypted
                 if recorded is not None:
-                    upgraded = self._registry.migrations.upgrade(recorded)[0]
-                    return upgraded if include_expired else None
+                    if not include_expired:
+                        return None  # no need to upgrade (and maybe fail) what is not returned
+                    return self._registry.migrations.upgrade(recorded)[0]
                 row = runtime.store.get(state_id)
                 if row is None or row["status"] == DELETED:
                     return None

@@ -845,6 +845,21 @@ class StoreContract:
 
     # -- signals and callbacks ------------------------------------------------------------------
 
+    def test_listeners_get_copies_of_the_records(self, sm: StateManager) -> None:
+        def meddle(sender: Any, **kw: Any) -> None:
+            kw["new_state"]["data"]["meddled"] = True
+            kw["change"]["new_data"]["meddled"] = True
+
+        def meddle_too(state_id: str, old: Any, new: Any, transition: str) -> None:
+            new["data"]["tags"].append("meddled")
+
+        sm.register_callback("user_*", meddle_too)
+        with signals.state_changed.connected_to(meddle):
+            written = sm.register_state("u1", "user", user(tags=["a"]))
+        assert written["data"] == {"tags": ["a"]}  # the caller's record is untouched
+        assert written == sm.get_state("u1")
+        assert sm.get_state_history("u1")[0]["new_data"] == {"tags": ["a"]}
+
     def test_signals_after_commit(self, sm: StateManager, app: Flask) -> None:
         received: list[tuple[str, dict[str, Any]]] = []
 

@@ -7,6 +7,7 @@ cache, and the Redis store.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ import pytest
 from cryptography.fernet import Fernet
 from flask import Flask
 
-from flask_statemanager import ConfigurationError, MigrationError, StateManager
+from flask_statemanager import (
+    ConfigurationError,
+    MigrationError,
+    StateManager,
+    StateValidationError,
+)
 from flask_statemanager.records import State
 
 from .conftest import make_app
@@ -175,6 +181,45 @@ class MigrationContract:
         for i in range(count):
             actors = [c["actor"] for c in sm.get_state_history(f"c{i}")]
             assert actors == [None, "migration"]  # each state migrated exactly once
+
+    def test_validators_see_the_upgraded_data_even_without_new_data(self, sm: StateManager) -> None:
+        sm.register_state("c1", "customer", v1(1))
+        register_migrations(sm)
+        seen: list[dict[str, Any]] = []
+
+        def needs_email(state: Any) -> bool:  # a data validator, not a transition guard
+            seen.append(dict(state["data"]))
+            return "@" in state["data"].get("email", "")
+
+        sm.register_validator("customer", needs_email)
+        sm.transition("c1", "activate")  # no data given: the migration rewrote it
+        assert seen and seen[-1]["email"] == "c1@example.com"
+        sm.register_migration("customer", "1.10", "2.0", lambda d: {**d, "email": "none"})
+        with pytest.raises(StateValidationError):
+            sm.transition("c1", "suspend")  # the upgraded data fails: nothing written
+        stored = sm.store.get("c1")
+        assert stored is not None and stored["version"] == 2
+
+    def test_expiry_listeners_and_reads_get_the_upgraded_record(self, sm: StateManager) -> None:
+        sm.register_state("c1", "customer", v1(1), ttl=0.05)
+        sm.register_state("c2", "customer", v1(2), ttl=0.05)
+        register_migrations(sm)
+        heard: list[tuple[Any, Any]] = []
+        sm.register_callback(
+            "customer_expired", lambda state_id, old, new, t: heard.append((old, new))
+        )
+        time.sleep(0.1)
+        assert sm.sweep_expired() == 2
+        assert len(heard) == 2
+        for old, new in heard:
+            assert "email" in new["data"] and "contact_info" not in new["data"]
+            assert new["metadata"]["version"] == "1.10" and "email" in old["data"]
+        # An expired record whose migration fails reads as absent, not as an error.
+        sm.register_state("c3", "customer", v1(3), ttl=0.05)
+        sm.register_migration("customer", "1.10", "2.0", lambda d: 1 / 0)
+        time.sleep(0.1)
+        assert sm.get_state("c3") is None
+        assert sm.store.get("c3")["status"] == "expired"
 
     def test_a_state_deleted_while_migrating_is_skipped(
         self, sm: StateManager, monkeypatch: pytest.MonkeyPatch
