@@ -508,8 +508,13 @@ class SQLStore(Store):
                         raw.execute("BEGIN" if sql.postgres else "BEGIN IMMEDIATE")
                         ids = sql.ids(state_ids)
                         locked = raw.execute(sql.select_locked, ids)
-                        heads = dict(raw.execute(sql.select_heads, ids).fetchall())
-                        found = {row[0]: sql.state(row) for row in locked.fetchall()}
+                        if sql.select_heads is None:  # SQLite: in the locked rows
+                            rows = locked.fetchall()
+                            heads = {row[0]: row[-1] for row in rows}
+                        else:  # PostgreSQL: after the lock, see Statements
+                            heads = dict(raw.execute(sql.select_heads, ids).fetchall())
+                            rows = locked.fetchall()
+                        found = {row[0]: sql.state(row) for row in rows}
                         self._writing.raw = raw  # count_type reads inside this transaction
                         try:
                             writes = plan(

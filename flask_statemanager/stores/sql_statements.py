@@ -53,19 +53,30 @@ class Statements:
         self.select_many = f"SELECT {columns} FROM {s} WHERE {in_ids}"
         # Rows a write reads, locked until commit on PostgreSQL in id order, so
         # multi-state writes cannot deadlock; SQLite's BEGIN IMMEDIATE locks all.
-        self.select_locked = f"{self.select_many} ORDER BY state_id" + (
-            " FOR UPDATE" if self.postgres else ""
-        )
-        # The hash of each locked state's newest history entry (its version is
-        # the state's), which the new entries chain to. A statement of its own,
-        # run after the lock is taken: on PostgreSQL a writer that waited for
-        # the lock gets the row as committed, but a subquery of the locking
-        # SELECT would still read the history as of before the wait.
-        self.select_heads = (
-            f"SELECT {s}.state_id, {h}.hash FROM {s} JOIN {h} "
-            f"ON {h}.state_id = {s}.state_id AND {h}.version = {s}.version "
-            f"WHERE {s}.{in_ids}"
-        )
+        # With them, the hash of each state's newest history entry (its version
+        # is the state's), which the new entries chain to. On PostgreSQL that
+        # is a statement of its own, run after the lock is taken (in the same
+        # round trip): a writer that waited for the lock gets the row as
+        # committed, but a subquery of the locking SELECT would still read the
+        # history as of before the wait. SQLite takes its writer lock before the
+        # read, so there a subquery is exact, and saves a statement per write.
+        self.select_heads: str | None
+        if self.postgres:
+            self.select_locked = f"{self.select_many} ORDER BY state_id FOR UPDATE"
+            self.select_heads = (
+                f"SELECT {s}.state_id, {h}.hash FROM {s} JOIN {h} "
+                f"ON {h}.state_id = {s}.state_id AND {h}.version = {s}.version "
+                f"WHERE {s}.{in_ids}"
+            )
+        else:
+            head = (
+                f"(SELECT hash FROM {h} WHERE {h}.state_id = {s}.state_id "
+                f"AND {h}.version = {s}.version)"
+            )
+            self.select_locked = (
+                f"SELECT {columns}, {head} FROM {s} WHERE {in_ids} ORDER BY state_id"
+            )
+            self.select_heads = None
         self.insert_state = (
             f"INSERT INTO {s} ({', '.join(_STATE_COLUMNS)}) "
             f"VALUES ({', '.join(param(c) for c in _STATE_COLUMNS)})"
