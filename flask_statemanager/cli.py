@@ -28,6 +28,22 @@ def _manager() -> StateManager:
     return StateManager()
 
 
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Report the extension's errors as a one-line message and exit status 1."""
+    try:
+        yield
+    except StateManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _batch_size(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``--batch-size`` option of the commands that walk the whole store."""
+    return click.option(
+        "--batch-size", default=500, show_default=True, type=click.IntRange(1), help=help
+    )
+
+
 @click.group("states", help="Inspect and maintain flask-statemanager states.")
 def states() -> None:
     pass
@@ -42,12 +58,10 @@ def init_db() -> None:
     they are created here and not by the migrations.
     """
     manager = _manager()
-    try:
+    with _clear_errors():
         manager.create_all()
         sql = _sql_store(manager)
         revision = sql.schema_revision() if sql is not None else None
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     if revision is not None:
         click.echo(f"Tables at revision {revision}.")
     click.echo(f"Tables and indexes ready ({manager.store.kind} store).")
@@ -71,10 +85,8 @@ def upgrade_db(show_sql: bool) -> None:
         click.echo(f"The {manager.store.kind} store has no SQL tables: nothing to upgrade.")
         return
     output = io.StringIO() if show_sql else None
-    try:
+    with _clear_errors():
         result = sql.upgrade_schema(sql=output)
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     if output is not None:
         click.echo(output.getvalue().rstrip() or f"-- Already at revision {result.after}.")
         return
@@ -100,10 +112,8 @@ def _sql_store(manager: StateManager) -> SQLStore | None:
 @with_appcontext
 def show(state_id: str) -> None:
     """Print one state as JSON."""
-    try:
+    with _clear_errors():
         state = _manager().get_state(state_id, include_expired=True)
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     if state is None:
         raise click.ClickException(f"No state {state_id!r}.")
     click.echo(codec.dumps_str(state.to_json()))
@@ -114,10 +124,8 @@ def show(state_id: str) -> None:
 @with_appcontext
 def history(state_id: str) -> None:
     """Print a state's history, oldest first, one JSON change per line."""
-    try:
+    with _clear_errors():
         changes = _manager().get_state_history(state_id)
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     if not changes:
         raise click.ClickException(f"No history for state {state_id!r}: it was never registered.")
     for change in changes:
@@ -135,10 +143,8 @@ def history(state_id: str) -> None:
 @with_appcontext
 def sweep(limit: int) -> None:
     """Record the EXPIRE change of states whose TTL passed (actor 'ttl')."""
-    try:
+    with _clear_errors():
         count = _manager().sweep_expired(limit=limit)
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(f"Expired {count} state(s).")
 
 
@@ -158,7 +164,7 @@ def verify(state_id: str | None) -> None:
     manager = _manager()
     checked = 0
     broken: list[str] = []
-    try:
+    with _clear_errors():
         with click.progressbar(
             manager.verify_history(state_id),
             label="Verifying history",
@@ -169,8 +175,6 @@ def verify(state_id: str | None) -> None:
                 checked += 1
                 if not isinstance(result, str):
                     broken.append(str(result))
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     for line in broken:
         click.echo(f"BROKEN {line}")
     if broken:
@@ -179,15 +183,6 @@ def verify(state_id: str | None) -> None:
 
 
 # -- listing and searching ------------------------------------------------------------
-
-
-@contextmanager
-def _clear_errors() -> Iterator[None]:
-    """Report the extension's errors as a one-line message and exit status 1."""
-    try:
-        yield
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _known_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -527,13 +522,7 @@ def import_(source: IO[bytes], replace: bool) -> None:
 
 
 @states.command("rotate-keys")
-@click.option(
-    "--batch-size",
-    default=500,
-    show_default=True,
-    type=click.IntRange(1),
-    help="States (or rows) read and rewritten per batch.",
-)
+@_batch_size("States (or rows) read and rewritten per batch.")
 @with_appcontext
 def rotate_keys(batch_size: int) -> None:
     """Re-encrypt every encrypted field, in states and history, with the first key.
@@ -542,13 +531,11 @@ def rotate_keys(batch_size: int) -> None:
     after it, run this, then remove the old keys. Versions and history stay as
     they are. Safe to run again after an interruption.
     """
-    try:
+    with _clear_errors():
         total, batches, counts = _manager().rotate_encryption_keys(batch_size=batch_size)
         with click.progressbar(length=total, label="Re-encrypting", file=_stderr()) as bar:
             for done in batches:
                 bar.update(done)
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(
         f"Re-encrypted {counts['states']} state(s) and {counts['changes']} history entr"
         f"{'y' if counts['changes'] == 1 else 'ies'} with the first key."
@@ -557,13 +544,7 @@ def rotate_keys(batch_size: int) -> None:
 
 @states.command("migrate")
 @click.option("--type", "state_type", help="Only this type (default: every type with migrations).")
-@click.option(
-    "--batch-size",
-    default=500,
-    show_default=True,
-    type=click.IntRange(1),
-    help="States read and written per batch (one commit each).",
-)
+@_batch_size("States read and written per batch (one commit each).")
 @with_appcontext
 def migrate(state_type: str | None, batch_size: int) -> None:
     """Upgrade stored states to their type's newest data schema version.
@@ -572,26 +553,18 @@ def migrate(state_type: str | None, batch_size: int) -> None:
     States already at the newest version are skipped, so an interrupted run
     continues where it stopped when started again.
     """
-    try:
+    with _clear_errors():
         run = _manager().migrate_states(state_type, batch_size=batch_size)
         with click.progressbar(length=run.total, label="Migrating", file=_stderr()) as bar:
             for done in run.batches:
                 bar.update(done)
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(f"Upgraded {run.upgraded} state(s); {run.current} already at the newest version.")
 
 
 @states.command("prune")
 @click.option("--type", "state_type", default=None, help="Only this state type.")
 @click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
-@click.option(
-    "--batch-size",
-    default=500,
-    show_default=True,
-    type=click.IntRange(1),
-    help="States per batch; each batch commits on its own.",
-)
+@_batch_size("States per batch; each batch commits on its own.")
 @with_appcontext
 def prune(state_type: str | None, dry_run: bool, batch_size: int) -> None:
     """Apply retention: trim old history entries and purge old deleted states.
@@ -604,7 +577,7 @@ def prune(state_type: str | None, dry_run: bool, batch_size: int) -> None:
     from .retention import has_retention
 
     manager = _manager()
-    try:
+    with _clear_errors():
         if state_type is not None:
             types = [manager.get_type(state_type)]
         else:
@@ -618,8 +591,6 @@ def prune(state_type: str | None, dry_run: bool, batch_size: int) -> None:
                 batch_size=batch_size,
                 progress=lambda _type, batch: bar.update(batch.states),
             )
-    except StateManagerError as exc:
-        raise click.ClickException(str(exc)) from exc
     verb = "Would remove" if dry_run else "Removed"
     for name, (entries, purged) in sorted(report.types.items()):
         click.echo(f"  {name}: {entries} history entries, {purged} deleted state(s)")

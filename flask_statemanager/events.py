@@ -146,10 +146,11 @@ def _copy(value: Any) -> Any:
 
 
 def _run_in_app(runtime: Runtime, fn: Callback, event: Committed) -> None:
-    if runtime.app is None:
+    app = runtime.app
+    if app is None:
         _run_callback(runtime, fn, event)
         return
-    with runtime.app.app_context():
+    with app.app_context():
         _run_callback(runtime, fn, event)
 
 

@@ -46,7 +46,12 @@ class Runtime:
         store: Store,
         types: Mapping[str, TypeDefinition] | None = None,
     ) -> None:
-        self.app = app
+        # Held weakly: the app holds this runtime (app.extensions). An app that
+        # is dropped without reset_instance() still releases its store's
+        # connections, through the finalizer.
+        self._app = None if app is None else weakref.ref(app)
+        self._finalizer = None if app is None else weakref.finalize(app, self.close)
+        self._closed = False
         self.settings = settings
         self.store = store
         keys = settings.encryption_keys
@@ -58,6 +63,11 @@ class Runtime:
         )
         self._sweeper: threading.Thread | None = None
         self._stopping = threading.Event()
+
+    @property
+    def app(self) -> Flask | None:
+        """The app this runtime serves (``None`` standalone, or once it is gone)."""
+        return None if self._app is None else self._app()
 
     def start_sweeper(self, registry: Registry) -> None:
         """Sweep expired states every ``STATEMANAGER_SWEEP_INTERVAL`` seconds in a daemon thread.
@@ -72,7 +82,8 @@ class Runtime:
             while not self._stopping.wait(interval):
                 try:
                     # Callbacks and receivers of the EXPIRE changes get the app's context.
-                    with self.app.app_context() if self.app else nullcontext():
+                    app = self.app
+                    with app.app_context() if app is not None else nullcontext():
                         sweep(registry, self, limit=1000)
                 except Exception:  # the database may be down; try again next time
                     logger.warning(
@@ -84,8 +95,13 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the sweeper, finish queued callbacks and release the store's connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._stopping.set()
-        if self._sweeper is not None:
+        if self._sweeper is not None and self._sweeper is not threading.current_thread():
             self._sweeper.join()
         if self.executor is not None:
             self.executor.shutdown(wait=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,19 @@ def test_unreachable_database_is_a_typed_error_and_unhealthy(tmp_path: Path) -> 
         assert health["status"] == "unhealthy"
         assert health["checks"]["database"]["status"] == "down"
         assert "s3cret" not in str(health)
+
+
+def test_an_app_dropped_without_reset_releases_its_connections(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """App factories in long-running processes and test suites drop apps: the
+    store's pooled connections are closed with the app, not left to the GC."""
+    app = make_app(tmp_path, STATEMANAGER_DATABASE_URI=postgres_url)
+    StateManager().init_app(app)
+    engine = app.extensions["statemanager"].store.engine
+    with app.app_context():
+        StateManager().get_state("anyone")  # checks a connection out and back in
+    assert engine.pool.checkedin() == 1
+    del app
+    gc.collect()
+    assert engine.pool.checkedin() == 0  # the engine was disposed with the app
