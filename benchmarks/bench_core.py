@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -837,7 +837,9 @@ def package_revision() -> str:
     return f"git {head}" + (" + uncommitted changes in flask_statemanager/" if dirty else "")
 
 
-def print_table(results: list[Result]) -> None:
+def print_table(results: Sequence[Any], row: Callable[[Any], str] | None = None) -> None:
+    """The summary table and verdict; *row* formats the rows that are not a
+    :class:`Result` (``bench_redis.py``'s waits)."""
     header = (
         f"{'operation':<34} {'ours ops/s':>11} {'baseline ops/s':>15} {'ratio':>6} "
         f"{'goal':>7}  result"
@@ -846,23 +848,23 @@ def print_table(results: list[Result]) -> None:
     print(header)
     print("-" * len(header))
     for r in results:
-        if r.skipped:
-            print(
-                f"{r.figure:<34} {'-':>11} {'-':>15} {'-':>6} {'>= ' + format(r.goal, '.1f'):>7}"
-                f"  SKIPPED ({r.skipped})"
-            )
-            continue
-        verdict = "PASS" if r.passed else "FAIL  <-- below goal"
-        print(
-            f"{r.figure:<34} {r.ours:>11.1f} {r.baseline:>15.1f} {r.ratio:>6.3f} "
-            f"{'>= ' + format(r.goal, '.1f'):>7}  {verdict}"
-        )
+        print(result_row(r) if isinstance(r, Result) or row is None else row(r))
     failed = [r.figure for r in results if not r.skipped and not r.passed]
     print()
     if failed:
-        print(f"FAIL: {len(failed)} of {len(results)} figures below goal: {', '.join(failed)}")
+        print(f"FAIL: {len(failed)} of {len(results)} figures miss their goal: {', '.join(failed)}")
     else:
         print("All measured figures meet their goals.")
+
+
+def result_row(r: Result) -> str:
+    goal = ">= " + format(r.goal, ".1f")
+    if r.skipped:
+        return f"{r.figure:<34} {'-':>11} {'-':>15} {'-':>6} {goal:>7}  SKIPPED ({r.skipped})"
+    verdict = "PASS" if r.passed else "FAIL  <-- below goal"
+    return (
+        f"{r.figure:<34} {r.ours:>11.1f} {r.baseline:>15.1f} {r.ratio:>6.3f} {goal:>7}  {verdict}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
