@@ -86,6 +86,8 @@ def normalize_transition(value: TransitionLike, known: Iterable[str] | None) -> 
 
     :param known: when given, names outside it raise :class:`InvalidTransitionError`.
     """
+    if type(value) is StateTransition and known is None:
+        return value.value  # lower-case names by definition
     name = value.value if isinstance(value, StateTransition) else value
     if not isinstance(name, str) or not _NAME_RE.match(name.lower()):
         raise InvalidTransitionError(

@@ -137,6 +137,10 @@ class Encryption:
     def __init__(self, cipher: Cipher | None, types: Mapping[str, TypeDefinition]) -> None:
         self.cipher = cipher
         self._types = types
+        #: fields() of a type, and of every type, with the definitions they came from:
+        #: every write and read asks, and definitions rarely change.
+        self._of_type: dict[str, tuple[TypeDefinition, tuple[Path, ...]]] = {}
+        self._of_all: tuple[tuple[TypeDefinition, ...], tuple[Path, ...]] = ((), ())
 
     # -- which fields ---------------------------------------------------------------
 
@@ -144,12 +148,22 @@ class Encryption:
         """The encrypted paths of a type, or of every type when *type_name* is ``None``."""
         if type_name is not None:
             definition = self._types.get(type_name)
-            return tuple(_path(f) for f in definition.encrypted_fields) if definition else ()
-        found: dict[Path, None] = {}
-        for definition in list(self._types.values()):
-            for field in definition.encrypted_fields:
-                found[_path(field)] = None
-        return tuple(found)
+            if definition is None:
+                return ()
+            known = self._of_type.get(type_name)
+            if known is None or known[0] is not definition:
+                known = (definition, tuple(_path(f) for f in definition.encrypted_fields))
+                self._of_type[type_name] = known
+            return known[1]
+        definitions = tuple(self._types.values())
+        known_all = self._of_all
+        if definitions != known_all[0]:  # compares by identity first: cheap when unchanged
+            found: dict[Path, None] = {}
+            for definition in definitions:
+                for field in definition.encrypted_fields:
+                    found[_path(field)] = None
+            known_all = self._of_all = (definitions, tuple(found))
+        return known_all[1]
 
     def _need_cipher(self, type_name: str) -> Cipher:
         if self.cipher is None:

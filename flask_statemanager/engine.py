@@ -22,7 +22,6 @@ import random
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -43,7 +42,7 @@ from .errors import (
 )
 from .events import Callbacks, Committed, dispatch
 from .migrations import DEFAULT_VERSION, Migrations
-from .records import Change, State, utcnow
+from .records import Change, State, new_change_id, utcnow
 from .stores.base import VersionMismatch, Write
 from .validation import Validator
 
@@ -429,12 +428,10 @@ def _prepare(
     else:
         target = definition.lifecycle.rule(proposal.transition, status, type_name).target
 
-    data = proposal.data if proposal.data is not None else (live["data"] if live else {})
-    metadata = (
-        proposal.metadata if proposal.metadata is not None else (live["metadata"] if live else {})
-    )
-    data, size = codec.check_document(data, "data", max_depth=settings.max_depth)
-    metadata, more = codec.check_document(metadata, "metadata", max_depth=settings.max_depth)
+    # A migration's output is checked like new input.
+    stored = live if live is not None and "migrated_from" not in (proposal.note or {}) else None
+    data, size = _document(proposal.data, live, stored, "data", settings.max_depth)
+    metadata, more = _document(proposal.metadata, live, stored, "metadata", settings.max_depth)
     size += more
     if live is None:
         # New records are written in the type's newest data shape.
@@ -490,7 +487,7 @@ def _prepare(
         if validator.applies_to(proposal.transition, data_changed):
             validator(state, proposal.transition)
     change = Change(
-        change_id=uuid.uuid4().hex,
+        change_id=new_change_id(),
         state_id=state_id,
         version=version,
         transition=proposal.transition,
@@ -502,6 +499,27 @@ def _prepare(
         hash=None,  # sealed with the batch, see audit.seal
     )
     return state, change
+
+
+def _document(
+    given: dict[str, Any] | None,
+    live: State | None,
+    stored: State | None,
+    field: str,
+    max_depth: int,
+) -> tuple[dict[str, Any], int]:
+    """The checked *field* document of the new record (*given*, else the live
+    one's) and its encoded size.
+
+    A document kept from *stored* (the live record as the store holds it) was
+    checked when it was written: only its size is taken again.
+    """
+    if given is None and stored is not None:
+        kept: dict[str, Any] = stored[field]
+        return kept, len(codec.dumps(kept))
+    if given is None:
+        given = live[field] if live is not None else {}
+    return codec.check_document(given, field, max_depth=max_depth)
 
 
 def is_live(row: State, now: datetime) -> bool:
@@ -523,7 +541,7 @@ def expiry_write(row: State, now: datetime) -> Write:
     version = row["version"] + 1
     state = State(row, status=EXPIRED, version=version, etag=str(version), updated_at=now)
     change = Change(
-        change_id=uuid.uuid4().hex,
+        change_id=new_change_id(),
         state_id=row["state_id"],
         version=version,
         transition="expire",

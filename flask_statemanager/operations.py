@@ -63,6 +63,34 @@ if TYPE_CHECKING:
     from .extension import Runtime
 
 
+class _Timed:
+    """Times one public call, then counts it (with its error class) and logs it.
+
+    A class rather than ``@contextmanager``: it wraps every call, and this is
+    the cheaper form.
+    """
+
+    __slots__ = ("runtime", "name", "state_id", "transition", "start")
+
+    def __init__(
+        self, runtime: Runtime, name: str, state_id: str | None, transition: str | None
+    ) -> None:
+        self.runtime = runtime
+        self.name = name
+        self.state_id = state_id
+        self.transition = transition
+
+    def __enter__(self) -> Runtime:
+        self.start = time.perf_counter()
+        return self.runtime
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        duration_ms = (time.perf_counter() - self.start) * 1000
+        error = kind.__name__ if kind is not None and issubclass(kind, StateManagerError) else None
+        self.runtime.metrics.observe(self.name, duration_ms, error)
+        log_state_operation(self.name, self.state_id, self.transition, duration_ms, error=error)
+
+
 class StateOperations:
     """Mixin holding every state operation; the singleton provides the runtime."""
 
@@ -71,22 +99,11 @@ class StateOperations:
     def _runtime(self) -> Runtime:  # pragma: no cover - provided by StateManager
         raise ConfigurationError("StateOperations needs a runtime")
 
-    @contextmanager
     def _operation(
         self, name: str, state_id: str | None = None, transition: str | None = None
-    ) -> Iterator[Runtime]:
-        runtime = self._runtime()
-        start = time.perf_counter()
-        error: str | None = None
-        try:
-            yield runtime
-        except StateManagerError as exc:
-            error = type(exc).__name__
-            raise
-        finally:
-            duration_ms = (time.perf_counter() - start) * 1000
-            runtime.metrics.observe(name, duration_ms, error)
-            log_state_operation(name, state_id, transition, duration_ms, error=error)
+    ) -> _Timed:
+        """``with self._operation(...) as runtime:`` times, counts and logs the call."""
+        return _Timed(self._runtime(), name, state_id, transition)
 
     # -- definitions ----------------------------------------------------------
 

@@ -9,6 +9,7 @@ JSON encoding work as for any mapping, with read-only attribute access on top
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from random import getrandbits
 from typing import Any
 
 STATE_KEYS = (
@@ -42,6 +43,22 @@ CHANGE_KEYS = (
 )
 
 
+#: The version (4) and variant (RFC 4122) bits of a random UUID.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_change_id() -> str:
+    """A random version-4 UUID as 32 hex digits, like ``uuid.uuid4().hex``.
+
+    Drawn from :mod:`random` (seeded from the OS, and again in every forked
+    child) rather than a system call per id: one is made per committed
+    change. A change id only has to be unique; nothing relies on it being
+    unguessable.
+    """
+    return f"{getrandbits(128) & _UUID4_CLEAR | _UUID4_SET:032x}"
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
@@ -60,7 +77,25 @@ def parse_time(value: str | None) -> datetime | None:
     """The inverse of :func:`isoformat`: an aware UTC datetime, ``None`` stays ``None``."""
     if value is None:
         return None
-    return datetime.fromisoformat(value).astimezone(UTC)
+    parsed = _PARSED.get(value)
+    if parsed is None:
+        parsed = datetime.fromisoformat(value).astimezone(UTC)
+        remember_time(value, parsed)
+    return parsed
+
+
+#: Timestamps parsed or written lately, by their text. Every write decodes a
+#: record and encodes the next one: its created_at and the previous write's
+#: time come back again and again. (datetime objects are immutable.)
+_PARSED: dict[str, datetime] = {}
+_REMEMBERED = 4096
+
+
+def remember_time(text: str, value: datetime) -> None:
+    """Let :func:`parse_time` answer *value* for *text* (which renders it in UTC)."""
+    if len(_PARSED) >= _REMEMBERED:
+        _PARSED.clear()
+    _PARSED[text] = value
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:

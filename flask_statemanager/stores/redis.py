@@ -126,7 +126,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -156,7 +156,9 @@ from .base import (
 from .redis_records import (
     TOMBSTONES,
     UNKNOWN_HEAD,
+    Members,
     RecordCache,
+    Remembered,
     ScriptKeys,
     declared_fields,
     decode_change,
@@ -249,6 +251,7 @@ class RedisStore(Store):
         self._definitions_key = f"{prefix}:indexes"
         #: The last document of each state this process read or committed.
         self._records = RecordCache(record_cache_size)
+        self._layouts: dict[tuple[str, str | None], _Layout] = {}
 
     # -- keys -------------------------------------------------------------------
 
@@ -304,8 +307,10 @@ class RedisStore(Store):
 
     def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one of the Lua scripts (EVALSHA, loading it if the server lost it)."""
-        with self._redis():
+        try:  # not self._redis(): this is every write's path, and a plain try is cheaper
             return self._scripts[script](keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
 
     def _load_definitions(self) -> dict[str, str]:
         definitions = self._definitions
@@ -616,7 +621,7 @@ class RedisStore(Store):
         self,
         ids: Sequence[str],
         state_ids: Sequence[str],
-        known: Mapping[str, tuple[bytes | str, str | None]],
+        known: Mapping[str, Remembered],
         plan: Plan,
     ) -> Sequence[Write] | None:
         """Plan from the record cache and commit in one round trip, or ``None``.
@@ -626,15 +631,15 @@ class RedisStore(Store):
         nothing (which a stale record could explain, so only a fresh read may
         say so).
         """
-        rows: dict[str, State | None] = {i: decode_state(raw) for i, (raw, _) in known.items()}
+        rows: dict[str, State | None] = {i: decode_state(r.document) for i, r in known.items()}
         try:
-            writes = plan({i: rows[i] for i in state_ids}, {i: known[i][1] for i in state_ids})
+            writes = plan({i: rows[i] for i in state_ids}, {i: known[i].head for i in state_ids})
         except Exception:  # noqa: BLE001 - planned from a record that may be stale
             return None
         if not writes:
             return None
         try:
-            self._commit(ids, rows, writes, "", remembered={i: known[i][0] for i in ids})
+            self._commit(ids, rows, writes, "", remembered=known)
         except _Stale:
             return None
         return writes
@@ -677,7 +682,7 @@ class RedisStore(Store):
             ):
                 keys.add(name)
             current = None if raw is None else decode_state(raw)
-            checks, operations = self._index_operations(
+            checks, operations, _ = self._index_operations(
                 {state_id: current}, {state_id: state}, keys
             )
             operations += ["zadd", keys.add(self._ids_key), 0, state_id]
@@ -759,12 +764,12 @@ class RedisStore(Store):
         writes: Sequence[Write],
         token: str,
         *,
-        remembered: Mapping[str, bytes | str] | None = None,
+        remembered: Mapping[str, Remembered] | None = None,
     ) -> None:
         """Run the commit script; raise :class:`VersionMismatch` if a state moved on.
 
         *remembered*: optimistic, no locks are held and *rows* were decoded from
-        these documents of the record cache; raise :class:`_Stale` instead
+        these records of the record cache; raise :class:`_Stale` instead
         (nothing written) unless every stored document is still the remembered
         one and no other writer holds a state.
         """
@@ -788,17 +793,24 @@ class RedisStore(Store):
             state_id in final and final[state_id]["status"] in TOMBSTONES for state_id in ids
         ]
         if remembered is not None:
-            args += [remembered[state_id] for state_id in ids]
+            args += [remembered[state_id].document for state_id in ids]
+        fixed = [
+            *(
+                key
+                for state_id in ids
+                for key in (
+                    self.state_key(state_id),
+                    self.history_key(state_id),
+                    self.lock_key(state_id),
+                    self.pruned_key(state_id),
+                )
+            ),
+            self._definitions_key,
+            self._log_key,
+        ]
         for _ in range(10):
-            keys = ScriptKeys()
-            for state_id in ids:
-                keys.add(self.state_key(state_id))
-                keys.add(self.history_key(state_id))
-                keys.add(self.lock_key(state_id))
-                keys.add(self.pruned_key(state_id))
-            keys.add(self._definitions_key)
-            keys.add(self._log_key)
-            checks, operations = self._index_operations(rows, final, keys)
+            keys = ScriptKeys(fixed)
+            checks, operations, members = self._index_operations(rows, final, keys, remembered)
             for write in writes:
                 if write.expected_version == 0:  # a state's first entry
                     operations += ["zadd", keys.add(self._ids_key), 0, write.state["state_id"]]
@@ -832,7 +844,11 @@ class RedisStore(Store):
                 heads = {w.state["state_id"]: w.change["hash"] for w in writes}
                 for state_id, document in documents.items():
                     self._records.put(
-                        state_id, final[state_id]["version"], document, heads[state_id]
+                        state_id,
+                        final[state_id]["version"],
+                        document,
+                        heads[state_id],
+                        members[state_id],
                     )
                 return
             if reply == 0:
@@ -876,23 +892,35 @@ class RedisStore(Store):
         )
 
     def _index_operations(
-        self, rows: Mapping[str, State | None], final: Mapping[str, State], keys: ScriptKeys
-    ) -> tuple[list[Any], list[Any]]:
+        self,
+        rows: Mapping[str, State | None],
+        final: Mapping[str, State],
+        keys: ScriptKeys,
+        remembered: Mapping[str, Remembered] | None = None,
+    ) -> tuple[list[Any], list[Any], dict[str, Members]]:
         """The definition checks and index operations that take *rows* to *final*.
 
-        Returns ``(checks, operations)`` as the commit script reads them; adds
-        the index keys the operations name to *keys*. Only what changes is
-        sent: a state that stays live in its type keeps its index members
-        unless their values changed, and its type is already in the type set.
+        Returns ``(checks, operations)`` as the commit script reads them, and
+        the index members of each final state; adds the index keys the
+        operations name to *keys*. Only what changes is sent: a state that
+        stays live in its type keeps its index members unless their values
+        changed, and its type is already in the type set. The members of
+        *remembered* rows are reused when computed under the same definitions.
         """
         definitions = self._load_definitions()
         removals: list[Any] = []
         additions: list[Any] = []
         checked: set[str] = set()
+        members: dict[str, Members] = {}
         for state_id, new in final.items():
             old = rows.get(state_id)
-            before = self._entries(old, definitions)
+            known = remembered[state_id].members if remembered is not None else None
+            if known is not None and known.definitions is definitions:
+                before = known.entries
+            else:
+                before = self._entries(old, definitions)
             after = self._entries(new, definitions)
+            members[state_id] = Members(definitions, after)
             if before:
                 checked.add(old["type"])  # type: ignore[index]
             if after:
@@ -909,7 +937,7 @@ class RedisStore(Store):
         for type_name in sorted(checked):
             checks += [type_name, definitions.get(type_name, "")]
         # Removals come first, so a member that stays is re-added.
-        return checks, removals + additions
+        return checks, removals + additions, members
 
     def _entries(
         self, state: State | None, definitions: Mapping[str, str]
@@ -928,15 +956,27 @@ class RedisStore(Store):
             if not type_name:
                 return {}
             return {(self.tombstones_key(type_name), state_id): epoch_micros(state["updated_at"])}
-        entries = {(self.type_key(type_name), state_id): epoch_micros(state["updated_at"])}
+        layout = self._layout(type_name, definitions.get(type_name))
+        entries = {(layout.states, state_id): epoch_micros(state["updated_at"])}
         if state["expires_at"] is not None:
-            entries[(self.expiry_key(type_name), state_id)] = epoch_micros(state["expires_at"])
-        declared = definitions.get(type_name)
-        for field in declared_fields(declared) if declared else ():
+            entries[(layout.expiry, state_id)] = epoch_micros(state["expires_at"])
+        for field, key in layout.indexes:
             member = index_member(state, field)
             if member is not None:
-                entries[(self.index_key(type_name, field), member.decode())] = 0
+                entries[(key, member.decode())] = 0
         return entries
+
+    def _layout(self, type_name: str, declared: str | None) -> _Layout:
+        """The keys a live state of *type_name* is a member of, under *declared* fields."""
+        layout = self._layouts.get((type_name, declared))
+        if layout is None:
+            fields = declared_fields(declared) if declared else ()
+            layout = self._layouts[(type_name, declared)] = _Layout(
+                self.type_key(type_name),
+                self.expiry_key(type_name),
+                tuple((f, self.index_key(type_name, f)) for f in fields),
+            )
+        return layout
 
     # -- maintenance ------------------------------------------------------------
 
@@ -1026,6 +1066,15 @@ class RedisStore(Store):
         """Close the client if the store made it (an application's client stays open)."""
         if self._owns_client:
             self.client.close()
+
+
+class _Layout(NamedTuple):
+    """The sorted sets a live state of one type belongs to (see :meth:`RedisStore._layout`)."""
+
+    states: str
+    expiry: str
+    #: (declared field, its index key), in field order.
+    indexes: tuple[tuple[str, str], ...]
 
 
 class _Stale(Exception):

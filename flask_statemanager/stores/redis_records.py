@@ -14,11 +14,11 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import codec
 from ..definitions import DELETED, EXPIRED
-from ..records import Change, State
+from ..records import Change, State, remember_time
 
 TOMBSTONES = (DELETED, EXPIRED)
 #: A remembered record whose history head is not known (never a SHA-256 hex digest).
@@ -30,33 +30,42 @@ _MICROSECOND = timedelta(microseconds=1)
 class RecordCache:
     """A bounded, thread-safe LRU of each state's last known document, by id.
 
-    Holds the encoded document (immutable bytes), its version and the hash
-    of its history entry (the head the next entry chains to; a read does not
-    learn it, a write or a locked read does); every use decodes a fresh copy.
+    Holds the encoded document (immutable bytes), its version, the hash of
+    its history entry (the head the next entry chains to; a read does not
+    learn it, a write or a locked read does) and, after a write, the index
+    members the store computed for it (:class:`Members`, so the next write
+    need not compute them again); every use decodes a fresh copy.
     A record never makes a read wrong: only :meth:`RedisStore.apply` plans from
     it, and the commit's compare-and-set refuses a plan made from a stale one.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[str, tuple[int, bytes | str, str | None]] = OrderedDict()
+        self._items: OrderedDict[str, Remembered] = OrderedDict()
         self._lock = threading.Lock()
 
-    def recall(self, state_ids: Sequence[str]) -> dict[str, tuple[bytes | str, str | None]] | None:
-        """The documents and history heads of *state_ids*, or ``None`` unless
-        every one is known."""
-        found: dict[str, tuple[bytes | str, str | None]] = {}
+    def recall(self, state_ids: Sequence[str]) -> dict[str, Remembered] | None:
+        """What is remembered of *state_ids*, or ``None`` unless every one is
+        known with its history head."""
+        found: dict[str, Remembered] = {}
         with self._lock:
             items = self._items
             for state_id in state_ids:
                 item = items.get(state_id)
-                if item is None or item[2] == UNKNOWN_HEAD:
+                if item is None or item.head == UNKNOWN_HEAD:
                     return None
                 items.move_to_end(state_id)
-                found[state_id] = item[1], item[2]
+                found[state_id] = item
         return found
 
-    def put(self, state_id: str, version: int, document: bytes | str, head: str | None) -> None:
+    def put(
+        self,
+        state_id: str,
+        version: int,
+        document: bytes | str,
+        head: str | None,
+        members: Members | None = None,
+    ) -> None:
         """Remember *document* and the hash of its history entry (*head*,
         ``UNKNOWN_HEAD`` from a plain read) unless a newer version is known."""
         if self._size <= 0:
@@ -65,12 +74,14 @@ class RecordCache:
             items = self._items
             known = items.get(state_id)
             if known is not None:
-                if known[0] > version:
+                if known.version > version:
                     return
-                if head == UNKNOWN_HEAD and known[0] == version and known[1] == document:
-                    head = known[2]  # the same record, read again
+                if known.version == version and known.document == document:
+                    # The same record, read again: keep what the write knew of it.
+                    head = known.head if head == UNKNOWN_HEAD else head
+                    members = members or known.members
                 items.move_to_end(state_id)
-            items[state_id] = (version, document, head)
+            items[state_id] = Remembered(version, document, head, members)
             if len(items) > self._size:
                 items.popitem(last=False)
 
@@ -84,12 +95,31 @@ class RecordCache:
             self._items.clear()
 
 
+class Members(NamedTuple):
+    """A state's index members (``{(key, member): score}``), as computed under
+    *definitions* (the store's declared-fields mapping object at the time)."""
+
+    definitions: Mapping[str, str]
+    entries: dict[tuple[str, str], int]
+
+
+class Remembered(NamedTuple):
+    """What the :class:`RecordCache` keeps of one state."""
+
+    version: int
+    document: bytes | str
+    head: str | None
+    members: Members | None
+
+
 class ScriptKeys:
     """The KEYS of a script call, each once, by 1-based number."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Iterable[str] = ()) -> None:
         self.names: list[str] = []
         self._numbers: dict[str, int] = {}
+        for name in names:
+            self.add(name)
 
     def add(self, name: str) -> int:
         """Add *name* unless present; return its number."""
@@ -109,9 +139,20 @@ def to_text(value: bytes | str) -> str:
 
 def utc_stamp(value: datetime) -> str:
     """ISO-8601 UTC with microseconds always present: fixed width, ordered as strings."""
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.isoformat(timespec="microseconds")[:-6] + "Z"
+    text = _STAMPS.get(value)
+    if text is None:
+        utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+        text = utc.isoformat(timespec="microseconds")[:-6] + "Z"
+        if len(_STAMPS) >= 4096:
+            _STAMPS.clear()
+        _STAMPS[value] = text  # equal datetimes are one instant: one text
+        remember_time(text, utc)  # the next write decodes it
+    return text
+
+
+#: Recent :func:`utc_stamp` results: a write stamps a state's created_at again
+#: and again, and one time on its state and its history entry.
+_STAMPS: dict[datetime, str] = {}
 
 
 def epoch_micros(value: datetime) -> int:
