@@ -49,10 +49,9 @@ def canonical(change: Mapping[str, Any]) -> bytes:
 
 def chain_hash(previous: str | None, change: Mapping[str, Any]) -> str:
     """The hash of *change* following an entry whose hash is *previous*."""
-    digest = hashlib.sha256((previous or "").encode("ascii"))
-    digest.update(b"\n")
-    digest.update(canonical(change))
-    return digest.hexdigest()
+    return hashlib.sha256(
+        b"%s\n%s" % ((previous or "").encode("ascii"), canonical(change))
+    ).hexdigest()
 
 
 def seal(changes: Sequence[Change], heads: Mapping[str, str | None]) -> None:

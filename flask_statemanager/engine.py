@@ -132,7 +132,7 @@ def parse_payload(payload: Any, argument: str, type_name: str | None) -> Proposa
             f"'metadata': {{...}}}}, got {type(payload).__name__}.",
             {argument: ["Must be a dict."]},
         )
-    unknown = set(payload) - _PAYLOAD_KEYS
+    unknown = () if _PAYLOAD_KEYS.issuperset(payload) else set(payload) - _PAYLOAD_KEYS
     if unknown:
         raise StateValidationError(
             f"{argument} has unknown keys {sorted(unknown)}; it takes name, type, data and "
@@ -210,7 +210,11 @@ def commit(
         read (last write wins); defaults to ``STATEMANAGER_WRITE_RETRIES``.
     """
     attempts = attempts or runtime.settings.write_retries
-    state_ids = list(dict.fromkeys(op.state_id for op in operations))
+    state_ids = (
+        [operations[0].state_id]
+        if len(operations) == 1
+        else list(dict.fromkeys(op.state_id for op in operations))
+    )
     committed: list[tuple[Write, State | None]] = []
     outcomes: list[Outcome] = []
     rejected: list[tuple[str, StateManagerError]] = []  # (state type, error): metrics

@@ -306,6 +306,19 @@ class MigrationContract:
         assert sm.get_state("c3") is None
         assert sm.get_state_history("c3")[-1]["old_data"] == v1(3)["data"]
 
+    def test_a_migration_s_output_is_checked_even_when_a_write_keeps_the_data(
+        self, sm: StateManager
+    ) -> None:
+        # A transition without new data keeps the record's data; a stored
+        # document is not walked again, but a migration's output is new input.
+        sm.register_type("job", lifecycle={"create": (None, "open"), "close": ("open", "done")})
+        sm.register_state("j1", "job", {"data": {"n": 1}})
+        sm.register_migration("job", "1.0", "2.0", lambda d: {**d, "tags": {"a", "b"}})
+        with pytest.raises(StateValidationError, match=r"data\.tags: set is not a JSON value"):
+            sm.transition("j1", "close")
+        stored = sm.store.get("j1")
+        assert stored is not None and (stored["version"], stored["status"]) == (1, "open")
+
     def test_migrations_bypass_a_lifecycle_without_update(
         self, sm: StateManager, app: Flask
     ) -> None:

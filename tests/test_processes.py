@@ -117,3 +117,37 @@ def test_sigkill_mid_write_never_splits_state_and_history(
     assert version > 8  # the writers really wrote between the kills
     with app.app_context():
         assert list(StateManager().verify_history("victim")) == ["victim"]
+
+
+def test_change_ids_are_uuid4_and_unique_across_forked_workers(tmp_path: Path) -> None:
+    """Workers forked from one app (gunicorn's pre-fork model) never repeat a change id."""
+    import uuid
+
+    app = make_app(tmp_path, STATEMANAGER_STORE="memory")
+    sm = StateManager()
+    sm.init_app(app)
+    with app.app_context():
+        sm.register_state("parent", "user", {"data": {}})  # ids made before the fork
+    readers = []
+    for _ in range(2):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one app, forked, writes and reports its ids
+            os.close(read_end)
+            with app.app_context():
+                for n in range(20):
+                    sm.update_state("parent", {"data": {"n": n}})
+                ids = [c["change_id"] for c in sm.get_state_history("parent")[1:]]
+            os.write(write_end, " ".join(ids).encode())
+            os._exit(0)
+        os.close(write_end)
+        readers.append((pid, read_end))
+    seen: list[str] = []
+    for pid, read_end in readers:
+        with os.fdopen(read_end) as pipe:
+            seen += pipe.read().split()
+        assert os.waitpid(pid, 0)[1] == 0
+    assert len(seen) == 40 and len(set(seen)) == 40
+    for change_id in seen:
+        parsed = uuid.UUID(hex=change_id)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, change_id)

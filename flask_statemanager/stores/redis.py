@@ -597,7 +597,7 @@ class RedisStore(Store):
     # -- writes -----------------------------------------------------------------
 
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
-        ids = sorted(set(state_ids))
+        ids = list(state_ids) if len(state_ids) == 1 else sorted(set(state_ids))
         known = self._records.recall(ids)
         if known is not None:
             writes = self._apply_optimistic(ids, state_ids, known, plan)
@@ -633,7 +633,10 @@ class RedisStore(Store):
         """
         rows: dict[str, State | None] = {i: decode_state(r.document) for i, r in known.items()}
         try:
-            writes = plan({i: rows[i] for i in state_ids}, {i: known[i].head for i in state_ids})
+            writes = plan(
+                rows if len(rows) == len(state_ids) else {i: rows[i] for i in state_ids},
+                {i: known[i].head for i in state_ids},
+            )
         except Exception:  # noqa: BLE001 - planned from a record that may be stale
             return None
         if not writes:
