@@ -324,6 +324,22 @@ redis.call('RPUSH', KEYS[2], ARGV[3])
 return 1
 """
 
+#: The same compare-and-set plus the other Redis work the store's commit script
+#: does for such an update: refuse if another writer holds the state, check
+#: the declared-field definitions the write was planned with, log the change,
+#: re-score the state in its type's sorted set. Not a goal: it splits the gap
+#: to BASE_CAS into Redis work the issue asks for and the Python pipeline.
+SAME_WORK_CAS = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if current ~= tonumber(ARGV[1]) or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if (redis.call('HGET', KEYS[4], ARGV[4]) or '') ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[1], 'version', current + 1, 'doc', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('RPUSH', KEYS[5], ARGV[6])
+redis.call('ZADD', KEYS[6], ARGV[7], ARGV[8])
+return 1
+"""
+
 
 def store_update(profile: Profile, sm: StateManager, rc: redis.Redis) -> Result:
     figure = "update_state / Redis store"
@@ -352,6 +368,9 @@ def store_update(profile: Profile, sm: StateManager, rc: redis.Redis) -> Result:
         pipe.execute()
     print(f"  Redis store: {len(pool)} states registered in {time.perf_counter() - t0:.1f}s")
     sha = rc.script_load(BASE_CAS)
+    same_work_sha = rc.script_load(SAME_WORK_CAS)
+    same_work = [False]  # which script base() runs
+    definition = rc.hget(store._definitions_key, TYPE) or b""
     known: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def refresh() -> None:
@@ -389,7 +408,16 @@ def store_update(profile: Profile, sm: StateManager, rc: redis.Redis) -> Result:
         canonical = json.dumps(change, sort_keys=True, separators=(",", ":")).encode()
         change["hash"] = hashlib.sha256(canonical).hexdigest()
         args = (version, json.dumps(doc), json.dumps(change))
-        if rc.evalsha(sha, 2, doc_key[sid], history_key[sid], *args) != 1:
+        if same_work[0]:
+            keys = (doc_key[sid], history_key[sid], f"{BASE_PREFIX}:lock:{{{sid}}}")
+            keys += (store._definitions_key, f"{BASE_PREFIX}:log", f"{BASE_PREFIX}:type:{TYPE}")
+            score = int(datetime.fromisoformat(stamp).timestamp() * 1_000_000)
+            logged = f"{sid} {version + 1} {change['change_id']}"
+            extra = (TYPE, definition, logged, score, sid)
+            done = rc.evalsha(same_work_sha, 6, *keys, *args, *extra)
+        else:
+            done = rc.evalsha(sha, 2, doc_key[sid], history_key[sid], *args)
+        if done != 1:
             raise RuntimeError(f"baseline lost a compare-and-set on {sid}")
         known[sid] = (version + 1, new)
 
@@ -412,9 +440,18 @@ def store_update(profile: Profile, sm: StateManager, rc: redis.Redis) -> Result:
             f"  {sorted(theirs)} {sorted(theirs_change)}"
         )
     note = f"baseline: one EVALSHA of a {BASE_CAS.count(chr(10)) - 1}-line CAS script"
-    return compare(
+    result = compare(
         Result(figure, GOALS["store_update"], note=note), Side(ours), Side(base, refresh), profile
     )
+    # Not a goal: the same figure against a script that does the store's Redis work.
+    same_work[0] = True
+    compare(
+        Result("  vs the same Redis work", 0.0, note="informative, no goal"),
+        Side(ours),
+        Side(base, refresh),
+        profile,
+    )
+    return result
 
 
 # -- Redis killed or paused ------------------------------------------------------------
