@@ -36,7 +36,6 @@ class Metrics:
         with self._lock:
             self.operations: Counter[str] = Counter()
             self.errors: Counter[str] = Counter()
-            self.transitions: Counter[str] = Counter()
             self.status_changes: Counter[tuple[str, str, str, str]] = Counter()
             self.rejections: Counter[tuple[str, str]] = Counter()
             self.conflicts = 0
@@ -70,7 +69,6 @@ class Metrics:
     ) -> None:
         """Count one committed change (``from_status`` is ``None`` on create)."""
         with self._lock:
-            self.transitions[f"{state_type}:{transition}"] += 1
             self.status_changes[(state_type, transition, from_status or "", to_status or "")] += 1
             if transition == "expire":
                 self.expired += 1
@@ -95,6 +93,10 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every metric."""
         with self._lock:
+            # Per "type:transition", summed from the status changes (one counter per write).
+            transitions: Counter[str] = Counter()
+            for (state_type, transition, _, _), n in self.status_changes.items():
+                transitions[f"{state_type}:{transition}"] += n
             latency = {}
             for op, buckets in self._latency.items():
                 count = sum(buckets)
@@ -110,7 +112,7 @@ class Metrics:
             return {
                 "operations": dict(self.operations),
                 "errors": dict(self.errors),
-                "transitions": dict(self.transitions),
+                "transitions": dict(transitions),
                 "status_changes": [
                     {
                         "type": t,

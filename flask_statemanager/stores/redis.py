@@ -797,20 +797,15 @@ class RedisStore(Store):
         ]
         if remembered is not None:
             args += [remembered[state_id].document for state_id in ids]
-        fixed = [
-            *(
-                key
-                for state_id in ids
-                for key in (
-                    self.state_key(state_id),
-                    self.history_key(state_id),
-                    self.lock_key(state_id),
-                    self.pruned_key(state_id),
-                )
-            ),
-            self._definitions_key,
-            self._log_key,
-        ]
+        fixed: list[str] = []
+        for state_id in ids:
+            fixed += (
+                self.state_key(state_id),
+                self.history_key(state_id),
+                self.lock_key(state_id),
+                self.pruned_key(state_id),
+            )
+        fixed += (self._definitions_key, self._log_key)
         for _ in range(10):
             keys = ScriptKeys(fixed)
             checks, operations, members = self._index_operations(rows, final, keys, remembered)

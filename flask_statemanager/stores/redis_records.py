@@ -115,11 +115,10 @@ class Remembered(NamedTuple):
 class ScriptKeys:
     """The KEYS of a script call, each once, by 1-based number."""
 
-    def __init__(self, names: Iterable[str] = ()) -> None:
-        self.names: list[str] = []
-        self._numbers: dict[str, int] = {}
-        for name in names:
-            self.add(name)
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        """Start from *names*, which are distinct."""
+        self.names: list[str] = list(names)
+        self._numbers = {name: number for number, name in enumerate(self.names, 1)}
 
     def add(self, name: str) -> int:
         """Add *name* unless present; return its number."""
