@@ -96,13 +96,15 @@ if optimistic then
   -- The stored documents are the remembered ones (which pins their versions)
   -- and no other writer holds a state.
   for s = 1, n_states do
-    if redis.call('GET', KEYS[4 * s - 3]) ~= ARGV[1 + 2 * n_writes + s] then
+    -- One command for both: the document, and the lock (false when free).
+    local found = redis.call('MGET', KEYS[4 * s - 3], KEYS[4 * s - 1])
+    if found[1] ~= ARGV[1 + 2 * n_writes + s] then
       if resent() then
         return 2
       end
       return 0
     end
-    if redis.call('EXISTS', KEYS[4 * s - 1]) == 1 then
+    if found[2] then
       return 0
     end
   end
