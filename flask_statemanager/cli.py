@@ -503,6 +503,7 @@ def import_(source: IO[bytes], replace: bool) -> None:
             manager.get_type,
             replace=replace,
             check_keys=manager.check_encrypted,
+            max_depth=manager._runtime().settings.max_depth,
         ) as prepared:
             with click.progressbar(
                 length=prepared.states, label="Importing", file=_stderr()

@@ -20,6 +20,8 @@ import orjson
 from .errors import StateLimitError, StateValidationError
 
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+#: ``STATEMANAGER_MAX_DEPTH``'s default: the deepest nesting a document may have.
+DEFAULT_MAX_DEPTH = 32
 _NUL_PROBLEM = "contains a NUL character (\\x00), which databases cannot store"
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .codec import DEFAULT_MAX_DEPTH
 from .errors import ConfigurationError
 
 #: ``(key, default, one-line description)`` for every setting.
@@ -80,7 +81,11 @@ SETTINGS: tuple[tuple[str, Any, str], ...] = (
         1024 * 1024,
         "Largest encoded size of a state's data plus metadata, in bytes.",
     ),
-    ("STATEMANAGER_MAX_DEPTH", 32, "Deepest nesting of objects and lists in data or metadata."),
+    (
+        "STATEMANAGER_MAX_DEPTH",
+        DEFAULT_MAX_DEPTH,
+        "Deepest nesting of objects and lists in data or metadata.",
+    ),
     (
         "STATEMANAGER_MAX_STATES_PER_TYPE",
         None,

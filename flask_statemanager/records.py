@@ -8,8 +8,8 @@ JSON encoding work as for any mapping, with read-only attribute access on top
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
-from random import getrandbits
 from typing import Any
 
 STATE_KEYS = (
@@ -51,12 +51,12 @@ _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 def new_change_id() -> str:
     """A random version-4 UUID as 32 hex digits, like ``uuid.uuid4().hex``.
 
-    Drawn from :mod:`random` (seeded from the OS, and again in every forked
-    child) rather than a system call per id: one is made per committed
-    change. A change id only has to be unique; nothing relies on it being
-    unguessable.
+    From ``os.urandom`` as ``uuid4`` is, so ids never repeat whatever the
+    application does with :mod:`random` or however its workers were forked,
+    but without building a ``UUID`` object (a quarter of the cost; one id is
+    made per committed change).
     """
-    return f"{getrandbits(128) & _UUID4_CLEAR | _UUID4_SET:032x}"
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
 def utcnow() -> datetime:

@@ -32,9 +32,9 @@ from typing import IO, Any
 
 import orjson
 
-from .codec import check_text
+from .codec import DEFAULT_MAX_DEPTH, check_document, check_text
 from .engine import check_state_id
-from .errors import ConfigurationError, StateManagerError, StateValidationError
+from .errors import ConfigurationError, StateLimitError, StateManagerError, StateValidationError
 from .records import CHANGE_KEYS, STATE_COLUMNS, Change, State, parse_time
 from .stores.base import Store, check_restore
 
@@ -99,9 +99,16 @@ def encode(state: State, history: Iterable[Change]) -> bytes:
 
 
 def decode(
-    line: bytes | str, number: int, check_type: Callable[[str], object]
+    line: bytes | str,
+    number: int,
+    check_type: Callable[[str], object],
+    max_depth: int = DEFAULT_MAX_DEPTH,
 ) -> tuple[State, list[Change]]:
     """Parse and check one line of an export.
+
+    Documents are checked as a write checks them (JSON values only, no NUL,
+    at most *max_depth* levels) and their numbers written as every store
+    gives them back: a store only ever holds checked documents.
 
     :raises TransferError: naming *number* and what is wrong.
     """
@@ -119,15 +126,15 @@ def decode(
     if not isinstance(raw_state, dict) or not isinstance(raw_history, list):
         raise TransferError('"state" must be an object and "history" a list.', line=number)
     try:
-        state = _state(raw_state, check_type)
-        history = [_change(c, n) for n, c in enumerate(raw_history, 1)]
+        state = _state(raw_state, check_type, max_depth)
+        history = [_change(c, n, max_depth) for n, c in enumerate(raw_history, 1)]
         check_restore(state, history)
-    except (StateValidationError, ValueError, TypeError) as exc:
+    except (StateValidationError, StateLimitError, ValueError, TypeError) as exc:
         raise TransferError(str(exc), line=number) from None
     return state, history
 
 
-def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
+def _state(doc: dict[str, Any], check_type: Callable[[str], object], max_depth: int) -> State:
     missing = [k for k in STATE_COLUMNS if k not in doc]
     unknown = sorted(set(doc) - set(STATE_COLUMNS) - {"etag"})
     if missing or unknown:
@@ -143,6 +150,8 @@ def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
     for key in ("data", "metadata"):
         if not isinstance(doc[key], dict):
             raise ValueError(f"state {key} must be an object.")
+    data, _ = check_document(doc["data"], "state data", max_depth=max_depth)
+    metadata, _ = check_document(doc["metadata"], "state metadata", max_depth=max_depth)
     version = doc["version"]
     if type(version) is not int or version < 1:
         raise ValueError(f"state version must be a positive integer, got {version!r}.")
@@ -153,8 +162,8 @@ def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
         doc["name"],
         doc["type"],
         doc["status"],
-        doc["data"],
-        doc["metadata"],
+        data,
+        metadata,
         version,
         _time(doc["created_at"], "state created_at"),
         _time(doc["updated_at"], "state updated_at"),
@@ -162,7 +171,7 @@ def _state(doc: dict[str, Any], check_type: Callable[[str], object]) -> State:
     )
 
 
-def _change(doc: Any, number: int) -> Change:
+def _change(doc: Any, number: int, max_depth: int) -> Change:
     if not isinstance(doc, dict):
         raise ValueError(f"history entry {number} must be an object.")
     missing = [k for k in CHANGE_KEYS if k not in doc]
@@ -183,7 +192,15 @@ def _change(doc: Any, number: int) -> Change:
         problem = "old_data and new_data must be objects or null"
     if problem is not None:
         raise ValueError(f"history entry {number}: {problem}.")
-    return Change(doc, created_at=_time(doc["created_at"], f"history entry {number} created_at"))
+    documents = {
+        key: None
+        if doc[key] is None
+        else check_document(doc[key], f"history entry {number} {key}", max_depth=max_depth)[0]
+        for key in ("old_data", "new_data", "metadata")
+    }
+    return Change(
+        doc, **documents, created_at=_time(doc["created_at"], f"history entry {number} created_at")
+    )
 
 
 def _time(value: Any, field: str, *, optional: bool = False) -> Any:
@@ -295,6 +312,7 @@ def prepare_import(
     *,
     replace: bool = False,
     check_keys: Callable[[State, Sequence[Change]], object] | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
 ) -> Iterator[PreparedImport]:
     """Read and check every line of an export before anything is written.
 
@@ -303,6 +321,8 @@ def prepare_import(
     :param check_keys: opens a state's encrypted values (and its history's)
         with this app's keys; a :class:`ConfigurationError` from it (no key
         opens them) refuses the file, naming the line.
+    :param max_depth: the deepest nesting a document may have
+        (``STATEMANAGER_MAX_DEPTH``).
     :raises TransferError: a malformed line, an id given twice, or (without
         *replace*) an id the store holds; nothing was written.
     """
@@ -313,7 +333,7 @@ def prepare_import(
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
-            state, history = decode(raw, number, check_type)
+            state, history = decode(raw, number, check_type, max_depth)
             if check_keys is not None:
                 try:
                     check_keys(state, history)

@@ -450,6 +450,21 @@ def _line(app: Flask) -> dict[str, Any]:
             lambda d: json.dumps({**d, "history": [{**d["history"][0], "version": 2}]}),
             "is at version 1 but its last history entry is version 2",
         ),
+        # Documents are checked as a write checks them: a store only holds checked ones.
+        (
+            lambda d: json.dumps({**d, "state": {**d["state"], "data": {"note": "a\u0000b"}}}),
+            "Line 2: Not JSON-serialisable: state data.note: contains a NUL character",
+        ),
+        (
+            lambda d: json.dumps({**d, "state": {**d["state"], "data": _nested(40)}}),
+            "Line 2: state data" + ".x" * 32 + ": nested deeper than 32 levels",
+        ),
+        (
+            lambda d: json.dumps(
+                {**d, "history": [{**d["history"][0], "new_data": {"k": "a\u0000"}}]}
+            ),
+            "Line 2: Not JSON-serialisable: history entry 1 new_data.k: contains a NUL",
+        ),
     ],
 )
 def test_import_rejects_a_bad_line_and_writes_nothing(
@@ -461,6 +476,13 @@ def test_import_rejects_a_bad_line_and_writes_nothing(
     text = "\n".join([first, change(good), ""])
     assert message in refused(postgres_app, "import", input=text)
     assert snapshot(postgres_app) == {}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for _ in range(depth):
+        document = {"x": document}
+    return document
 
 
 def test_import_other_errors(sqlite_app: Flask, tmp_path: Path) -> None:

@@ -119,6 +119,20 @@ def test_sigkill_mid_write_never_splits_state_and_history(
         assert list(StateManager().verify_history("victim")) == ["victim"]
 
 
+def test_change_ids_do_not_depend_on_the_application_s_random(tmp_path: Path) -> None:
+    """An app (or a test plugin) seeding :mod:`random` never makes a change id repeat."""
+    app = make_app(tmp_path, STATEMANAGER_STORE="memory")
+    sm = StateManager()
+    sm.init_app(app)
+    with app.app_context():
+        sm.register_state("s", "user", {"data": {}})
+        for n in range(3):
+            random.seed(42)  # e.g. per request, for a reproducible draw
+            sm.update_state("s", {"data": {"n": n}})
+        ids = [c["change_id"] for c in sm.get_state_history("s")]
+    assert len(set(ids)) == 4
+
+
 def test_change_ids_are_uuid4_and_unique_across_forked_workers(tmp_path: Path) -> None:
     """Workers forked from one app (gunicorn's pre-fork model) never repeat a change id."""
     import uuid

@@ -15,9 +15,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -259,6 +260,21 @@ def test_search_never_uses_keys_or_scan(sm: StateManager, client: redis.Redis) -
     assert after["zscan"] == before["zscan"]
     # The two searches with an equality on a declared field read its index.
     assert after["zrangebylex"] - before["zrangebylex"] == 1 + 2
+
+
+def test_search_bounds_in_the_hour_a_clock_goes_back_are_told_apart(sm: StateManager) -> None:
+    """02:30 Berlin happens twice on 2027-10-31 (fold 0 is 00:30Z, fold 1 is 01:30Z):
+    the two compare equal in Python, but a filter on each must mean its own instant."""
+    berlin = ZoneInfo("Europe/Berlin")
+    first = datetime(2027, 10, 31, 2, 30, tzinfo=berlin)
+    second = first.replace(fold=1)
+    expires = datetime(2027, 10, 31, 1, 0, tzinfo=UTC)  # between the two
+    sm.register_state("x", "user", user(), ttl=(expires - datetime.now(UTC)).total_seconds())
+    found = [
+        [s["state_id"] for s in sm.search_states("user", {"expires_at__gt": bound}).items]
+        for bound in (first, second, first)
+    ]
+    assert found == [["x"], [], ["x"]]
 
 
 def test_search_orders_like_the_reference(sm: StateManager) -> None:

@@ -214,6 +214,11 @@ class Store(ABC):
         at all. With *replace*, whatever the store holds for the id (record,
         history, index entries) is replaced in the same step.
 
+        The documents must already be checked (:func:`~flask_statemanager.codec.check_document`,
+        as :func:`~flask_statemanager.transfer.decode` does for an import): a
+        store holds only checked documents, and a later write keeps a stored
+        document without walking it again.
+
         :raises StateExistsError: the store already holds the id (a record or
             history) and *replace* is false; nothing was written.
         :raises StateValidationError: the history does not fit the state (see

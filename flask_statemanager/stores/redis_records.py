@@ -138,14 +138,17 @@ def to_text(value: bytes | str) -> str:
 
 def utc_stamp(value: datetime) -> str:
     """ISO-8601 UTC with microseconds always present: fixed width, ordered as strings."""
-    text = _STAMPS.get(value)
+    # Keyed by the UTC value: two wall times that compare equal in one zone
+    # are an hour apart when they differ only in fold (PEP 495).
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    text = _STAMPS.get(utc)
     if text is None:
-        utc = value if value.tzinfo is UTC else value.astimezone(UTC)
         text = utc.isoformat(timespec="microseconds")[:-6] + "Z"
         if len(_STAMPS) >= 4096:
             _STAMPS.clear()
-        _STAMPS[value] = text  # equal datetimes are one instant: one text
-        remember_time(text, utc)  # the next write decodes it
+        _STAMPS[utc] = text
+        if type(utc) is datetime:  # never hand a caller's subclass to later reads
+            remember_time(text, utc)  # the next write decodes it
     return text
 
 
