@@ -57,8 +57,9 @@ _PAST_TENSE = {
     "delete": "deleted",
 }
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_FIELD_RE = re.compile(r"^(data|metadata)(\.[A-Za-z0-9_]{1,64}){1,8}$")
+# \Z, not $: "$" also matches before a trailing newline ("cart\n").
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+_FIELD_RE = re.compile(r"^(data|metadata)(\.[A-Za-z0-9_]{1,64}){1,8}\Z")
 
 
 def event_name(transition: str) -> str:

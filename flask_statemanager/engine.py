@@ -134,10 +134,11 @@ def parse_payload(payload: Any, argument: str, type_name: str | None) -> Proposa
         )
     unknown = () if _PAYLOAD_KEYS.issuperset(payload) else set(payload) - _PAYLOAD_KEYS
     if unknown:
+        names = sorted(map(repr, unknown))  # keys may be anything, not only text
         raise StateValidationError(
-            f"{argument} has unknown keys {sorted(unknown)}; it takes name, type, data and "
+            f"{argument} has unknown keys [{', '.join(names)}]; it takes name, type, data and "
             "metadata — put your fields under 'data'.",
-            {argument: [f"Unknown keys: {', '.join(sorted(unknown))}."]},
+            {argument: [f"Unknown keys: {', '.join(names)}."]},
         )
     given_type = payload.get("type")
     if given_type is not None and type_name is not None:

@@ -112,6 +112,11 @@ def transition(
 ) -> Operation:
     """``transition``: a lifecycle transition, optionally replacing ``data``."""
     name = normalize_transition(transition, known=None)
+    if data is not None and not isinstance(data, Mapping):
+        raise StateValidationError(
+            f"transition's data must be a dict (the new data), got {type(data).__name__}.",
+            {"data": ["Must be a dict."]},
+        )
     proposal = Proposal(name, data=None if data is None else dict(data))
     return Operation(
         check_state_id(state_id),
@@ -161,7 +166,7 @@ def version(value: int | str | None) -> int | None:
     """Accept a version or an etag (``"3"``, ``'"3"'`` or ``'W/"3"'``)."""
     if isinstance(value, str):
         stripped = value.strip().removeprefix("W/").strip('"')
-        if not stripped.isdigit():
+        if not (stripped.isascii() and stripped.isdigit()):  # "²".isdigit() is true
             raise StateValidationError(
                 f"expected_version {value!r} is not a version or etag.",
                 {"expected_version": ["A version number or etag."]},

@@ -86,7 +86,8 @@ class _Timed:
 
     def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
         duration_ms = (time.perf_counter() - self.start) * 1000
-        error = kind.__name__ if kind is not None and issubclass(kind, StateManagerError) else None
+        # Any exception fails the call, except a generator's consumer stopping early.
+        error = None if kind is None or kind is GeneratorExit else kind.__name__
         self.runtime.metrics.observe(self.name, duration_ms, error)
         log_state_operation(self.name, self.state_id, self.transition, duration_ms, error=error)
 
@@ -306,9 +307,10 @@ class StateOperations:
 
     def bulk_get(self, state_ids: Sequence[str]) -> dict[str, State]:
         """Live states by id, fetched in one round trip; absent ids are left out."""
-        if isinstance(state_ids, str):
+        if isinstance(state_ids, str | bytes) or not isinstance(state_ids, Iterable):
             raise _Invalid(
-                "bulk_get takes a list of ids, not one string.", {"state_ids": ["A list of ids."]}
+                f"bulk_get takes a list of ids, got {type(state_ids).__name__}.",
+                {"state_ids": ["A list of ids."]},
             )
         ids = list(dict.fromkeys(check_state_id(i) for i in state_ids))
         with self._operation("bulk_get") as runtime:

@@ -772,12 +772,30 @@ class StoreContract:
             with pytest.raises(StateValidationError):
                 sm.register_state("u1", "user", user(), ttl=bad_ttl)
         sm.register_state("u1", "user", user())
-        for bad_version in (0, -1, "abc", 1.5):
+        for bad_version in (0, -1, "abc", 1.5, "²", "١"):  # not ASCII digits, either
             with pytest.raises(StateValidationError):
                 sm.update_state("u1", user(), expected_version=bad_version)
         with pytest.raises(StateValidationError):
             sm.register_state("u2", "user", user(), actor="x" * 300)
-        assert sm.get_state("u1")["version"] == 1
+        # Payloads of the wrong shape, and ids that are not a list.
+        with pytest.raises(StateValidationError, match=r"unknown keys \[1\]"):
+            sm.update_state("u1", {1: 2})  # type: ignore[dict-item]
+        for data in (5, "ab"):
+            with pytest.raises(StateValidationError, match="data must be a dict"):
+                sm.transition("u1", "activate", data=data)  # type: ignore[arg-type]
+        for ids in (None, 5):
+            with pytest.raises(StateValidationError, match="bulk_get takes a list of ids"):
+                sm.bulk_get(ids)  # type: ignore[arg-type]
+        with pytest.raises(StateValidationError):
+            sm.register_type("cart\n")  # "$" would let the newline through
+        outcome = sm.bulk_update(
+            [
+                {"state_id": "u1", "new_data": user(n=1), "expected_version": "²"},
+                {"state_id": "u1", "new_data": user(n=2)},
+            ]
+        )
+        assert isinstance(outcome.outcomes[0], StateValidationError)
+        assert sm.get_state("u1")["version"] == 2  # the good item was applied
         assert sm.get_state("u2") is None
 
     # -- validators ---------------------------------------------------------------------------

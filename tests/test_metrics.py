@@ -150,6 +150,18 @@ def test_bulk_rejections_are_counted_once_per_refused_item(app: Flask) -> None:
     assert metrics["transitions"] == {"user:create": 1}
 
 
+def test_a_call_failing_with_any_exception_counts_as_an_error(app: Flask) -> None:
+    """A validator's own bug (a KeyError) fails the call: it is an error, not a success."""
+    with app.app_context():
+        sm = StateManager()
+        sm.register_validator("user", lambda state: state["data"]["email"] is not None)
+        with pytest.raises(KeyError):
+            sm.bulk_register([{"state_id": "k1", "state_type": "user", "initial_data": user()}])
+        metrics = sm.get_metrics()
+    assert metrics["operations"]["bulk_register"] == 1
+    assert metrics["errors"] == {"bulk_register:KeyError": 1}
+
+
 def test_prometheus_endpoint_reads_the_same_numbers(app: Flask) -> None:
     with app.app_context():
         _exercise(StateManager())
