@@ -8,6 +8,7 @@ the key, not later in a request.
 from __future__ import annotations
 
 import binascii
+import math
 from base64 import urlsafe_b64decode
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -230,9 +231,10 @@ class Settings:
             value = values[key]
             if value is None and optional:
                 return None
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not 0 < value < math.inf:  # nan and inf are refused too
                 raise ConfigurationError(
-                    f"{key} must be a positive number of seconds, got {value!r}."
+                    f"{key} must be a positive, finite number of seconds, got {value!r}."
                 )
             return float(value)
 

@@ -18,6 +18,7 @@ and history entry); with one, it is a :class:`StateConflictError`.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import threading
@@ -48,6 +49,8 @@ from .validation import Validator
 
 if TYPE_CHECKING:
     from .extension import Runtime
+
+logger = logging.getLogger("flask_statemanager")
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,255}")
 _PAYLOAD_KEYS = frozenset({"name", "type", "data", "metadata"})
@@ -586,10 +589,23 @@ def sweep(registry: Registry, runtime: Runtime, limit: int) -> int:
     """Record the EXPIRE change of up to *limit* states whose TTL passed; return how many.
 
     Each expiry is decided under the store's lock from a fresh read, so workers
-    sweeping at once record every expiry exactly once.
+    sweeping at once record every expiry exactly once. A state that cannot be
+    expired (say its ciphertext opens with no configured key) does not hold up
+    the others: each failure is logged, the rest are recorded, then the first
+    failure is raised.
     """
     due = runtime.store.expired(utcnow(), limit)
-    return sum(expire(registry, runtime, row["state_id"]) is not None for row in due)
+    recorded = 0
+    failures: list[StateManagerError] = []
+    for row in due:
+        try:
+            recorded += expire(registry, runtime, row["state_id"]) is not None
+        except StateManagerError as exc:
+            logger.error("Could not record the expiry of state %r: %s", row["state_id"], exc)
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+    return recorded
 
 
 def after_commit(

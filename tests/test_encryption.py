@@ -459,3 +459,23 @@ def test_import_refuses_a_file_this_apps_keys_cannot_open(tmp_path: Path) -> Non
     assert accepted.exit_code == 0, accepted.output
     with both.app_context():
         assert manager.get_state("p1")["data"]["ssn"] == SSN
+
+
+def test_a_state_that_cannot_be_expired_does_not_hold_up_the_sweep(tmp_path: Path) -> None:
+    """One state whose ciphertext no configured key opens: the others still expire."""
+    manager = StateManager()
+    manager.register_type("vault", encrypted_fields=["data.pin"])
+    app = make_app(tmp_path, STATEMANAGER_STORE="memory", STATEMANAGER_ENCRYPTION_KEYS=[KEY_A])
+    manager.init_app(app)
+    with app.app_context():
+        for state_id in ("a", "bad", "z"):
+            manager.register_state(state_id, "vault", {"data": {"pin": "1234"}}, ttl=0.05)
+        store = manager.store
+        assert isinstance(store, MemoryStore)
+        unreadable = Fernet(KEY_B).encrypt(b'"1234"').decode()
+        store._states["bad"]["data"]["pin"] = "fernet:" + unreadable  # written with another key
+        time.sleep(0.1)
+        with pytest.raises(ConfigurationError):
+            manager.sweep_expired()
+        expired = {i: store.get(i)["status"] for i in ("a", "bad", "z")}  # type: ignore[index]
+        assert expired == {"a": "expired", "bad": "pending", "z": "expired"}

@@ -140,6 +140,9 @@ def test_standalone_without_app(tmp_path: Path) -> None:
         ("STATEMANAGER_SQLITE_SYNCHRONOUS", "SOMETIMES"),
         ("STATEMANAGER_TABLE_PREFIX", "bad-prefix;"),
         ("STATEMANAGER_TABLE_PREFIX", "p" * 33),
+        ("STATEMANAGER_CACHE_TTL", float("inf")),
+        ("STATEMANAGER_CACHE_TIMEOUT", float("nan")),
+        ("STATEMANAGER_SWEEP_INTERVAL", 0),
     ],
 )
 def test_bad_config_fails_at_init_app(tmp_path: Path, key: str, value: object) -> None:
