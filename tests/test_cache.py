@@ -236,7 +236,7 @@ def test_a_slow_filler_never_replaces_a_newer_version(sm: StateManager) -> None:
     # Neither does a late write-through of version 1 (writers finishing out of order).
     assert old is not None
     stale = Write(old, 0, Change(state_id="u1", version=1))
-    store._write_through([stale])
+    store._write_through([stale], store._generation)
     assert store.peek("u1")["version"] == 2
     assert sm.get_state("u1")["data"] == {"n": 2}
 
