@@ -18,7 +18,7 @@ Keys
     A string, never expiring: ``n``, the current generation (a number).
 ``<prefix>:cache:run``
     A string, never expiring: the Redis ``run_id`` of the server instance
-    whose start the generation has accounted for (rule 6).
+    whose start the generation has accounted for (rule 7).
 
 A *hit* is one plain command, ``MGET <generation> <entry>`` (atomic in Redis):
 the entry counts only if it starts with the generation it was read with, which
@@ -36,8 +36,9 @@ Why a read never returns a version older than the last committed one
    process.
 2. **Fill leases.** A miss leaves a lease ``m:<n>:<token>`` in the key (or
    shares the one already there); the reader then reads the store and fills
-   only if its lease is still in place or the entry holds a lower version. A
-   write-through *deletes* a lease. So a slow reader whose store read predates
+   only if its lease is still in place, or its lease carries the current
+   generation and the entry holds a lower version. A write-through *deletes*
+   a lease. So a slow reader whose store read predates
    a commit cannot leave its old version behind: if it fills before the
    commit's write-through, the write-through replaces the lower version; if
    after, its lease is gone; and a lease taken after the commit precedes a
@@ -48,18 +49,34 @@ Why a read never returns a version older than the last committed one
    current generation with a *lower* version, and never creates one: a missing
    key may have held a newer version that was evicted, so the next read fills
    it instead. Two writers' write-throughs in any order leave the higher
-   version.
-4. **Unknown outcomes invalidate.** When the store fails mid-write (the commit
+   version. It carries the generation its process last saw *before* the
+   commit (from any earlier reply, so no extra round trip); if the
+   generation has changed since, it deletes the keys instead of writing
+   (deleting is always safe: the next read fills from the store).
+4. **Operations that may lower a version bump.** ``restore(replace=True)``
+   (``flask states import --replace``), the purges of ``prune`` and
+   ``reset`` delete the keys and bump the generation after the store
+   changed. Within one generation versions only grow, which is what rules 2
+   and 3 rely on; across the bump, no fill (its lease is of the old
+   generation) and no write-through (it knew the old generation) that
+   started before can install anything. ``rewrite`` (``rotate-keys``) keeps
+   versions but deletes each batch's rewritten entries as it goes, so no old
+   document (plaintext of a newly encrypted field, ciphertext under a retired
+   key) stays in Redis, and bumps at the end.
+5. **Unknown outcomes invalidate.** When the store fails mid-write (the commit
    may or may not have happened), the touched keys are deleted.
-5. **A process that saw Redis fail bumps before it uses Redis again.** Any
-   error or timeout opens the circuit: for ``cooldown`` seconds the process
+6. **A process that saw Redis fail bumps before it uses Redis again.** Any
+   error or timeout (or a ``BaseException`` such as ``gevent.Timeout`` in the
+   middle of a call, which is re-raised) opens the circuit: for ``cooldown`` seconds the process
    leaves Redis alone, and writes commit without write-through, so Redis may
    keep older versions. The first call after the cooldown (or a health check)
    is the half-open probe, and its script bumps the generation before it
-   reads; until that succeeds the circuit stays open. One failed
-   write-through therefore invalidates the whole cache before the writer's
-   process reads it again.
-6. **A restarted or replaced server is bumped before its first read.** Redis
+   reads; until that succeeds the circuit stays open. A write-through or
+   invalidation skipped while the probe is in flight (its bump may already
+   have run) keeps the probe from closing the circuit: the next call bumps
+   again. One failed or skipped write-through therefore invalidates the
+   whole cache before the writer's process reads it again.
+7. **A restarted or replaced server is bumped before its first read.** Redis
    may come back from its AOF or RDB file with old entries *and* the old
    generation and run keys. A restart or failover always drops the TCP
    connections to the server (a restart ends the process; Sentinel kills the
@@ -95,12 +112,22 @@ Timeouts
 
 The cache talks to Redis through its own client, built from the given
 client's connection settings with ``socket_timeout`` and
-``socket_connect_timeout`` of ``timeout / 4`` and one retry without backoff:
-a reply that times out, the reconnection and the retry's reply are four such
-waits at most, so a call gives up within ``timeout`` (on a paused server the
-first call takes about ``timeout / 2``; the restart check of a new connection
-is part of connecting, with the same waits). After a failure the circuit keeps
-every call away from Redis for ``cooldown`` seconds.
+``socket_connect_timeout`` of ``timeout / 4``, one retry without backoff, and
+no ``CLIENT SETINFO`` on connecting: a reply that times out, the reconnection
+and the retry's reply are four such waits at most, so a Redis command gives up
+within ``timeout`` (on a paused server the first call takes about
+``timeout / 2``; the restart check of a new connection is part of connecting,
+with the same waits, and so is ``SELECT`` for a database other than 0).
+
+A read that misses runs up to three steps: the ``MGET`` (whose answer the
+lease script does not repeat), the lease script, and after the store read
+the fill. Each read has a budget of ``timeout`` seconds of Redis time (its
+store read does not count): a step starts only while at least one socket wait
+is left, otherwise the read goes on with the store alone and leaves Redis as
+it is (a lease left behind just expires). A step that has started is bounded
+by its socket waits, so a read spends at most a little over ``timeout`` in
+Redis even when each reply comes just before its timeout. After a failure the
+circuit keeps every call away from Redis for ``cooldown`` seconds.
 Redis errors never reach the caller: they are logged on the
 ``flask_statemanager`` logger, counted (:meth:`CachedStore.cache_stats`), and the
 store answers instead.
@@ -192,7 +219,7 @@ local function bump_from(n)
 end
 """
 
-# Run on every new connection before anything else (rule 6): KEYS[1] the
+# Run on every new connection before anything else (rule 7): KEYS[1] the
 # generation, KEYS[2] the run key. -> the generation. A generation hash left
 # by an older version of this module is replaced (its entries are then older).
 _CONNECT = (
@@ -1057,7 +1084,7 @@ def _derive_client(
 ) -> redis.Redis:
     """A client for the same server as *client*, with the cache's timeouts and one retry.
 
-    Every connection it opens runs the restart check (rule 6) before it is used.
+    Every connection it opens runs the restart check (rule 7) before it is used.
     """
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
