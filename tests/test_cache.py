@@ -15,20 +15,23 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 from flask import Flask
 
 from flask_statemanager import BackendUnavailableError, StateManager
 from flask_statemanager.records import Change
-from flask_statemanager.stores.base import Write
-from flask_statemanager.stores.cache import CachedStore
+from flask_statemanager.stores.base import Retention, Write
+from flask_statemanager.stores.cache import CachedStore, _Budget, _Skipped
 
 from . import workers
 from .conftest import IN_CI, make_app
@@ -236,7 +239,7 @@ def test_a_slow_filler_never_replaces_a_newer_version(sm: StateManager) -> None:
     # Neither does a late write-through of version 1 (writers finishing out of order).
     assert old is not None
     stale = Write(old, 0, Change(state_id="u1", version=1))
-    store._write_through([stale])
+    store._write_through([stale], store._generation)
     assert store.peek("u1")["version"] == 2
     assert sm.get_state("u1")["data"] == {"n": 2}
 
@@ -324,6 +327,240 @@ def test_reset_drops_every_cache_key(sm: StateManager) -> None:
     assert list(store.client.scan_iter(match=f"{store.prefix}:cache:{{*")) == []
     assert int(store.client.get(f"{store.prefix}:cache:generation")) > int(generation)
     assert sm.get_state("u1") is None
+
+
+# -- operations that lower a version, and fills or write-throughs that arrive late ----------
+
+
+def test_a_late_fill_never_undoes_a_restore_that_lowered_the_version(sm: StateManager) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    backup = store.inner.get("u1"), store.inner.history("u1")
+    for n in (2, 3, 4):
+        sm.update_state("u1", user(n=n))
+    assert backup[0] is not None
+    # A slow reader takes a lease and reads version 4, then stalls ...
+    _, leases = store._lookup(["u1"])
+    old = store.inner.get("u1")
+    # ... while `flask states import --replace` puts version 1 back, and a read fills it.
+    store.restore(backup[0], backup[1], replace=True)
+    assert sm.get_state("u1")["data"] == {"n": 1}
+    assert store._fill(leases, {"u1": old}) == 0
+    assert store.peek("u1")["data"] == {"n": 1}
+    assert sm.get_state("u1")["data"] == {"n": 1}
+    assert sm.update_state("u1", user(n=5))["version"] == 2
+    assert sm.get_state("u1")["data"] == {"n": 5}
+
+
+def test_a_late_fill_never_brings_back_a_purged_tombstone(sm: StateManager) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    sm.delete_state("u1")  # the tombstone, version 2
+    _, leases = store._lookup(["u1"])
+    tombstone = store.inner.get("u1")
+    assert tombstone is not None and tombstone["status"] == "deleted"
+    soon = datetime.now(UTC) + timedelta(seconds=5)
+    purged = [b.purged for b in store.prune("user", Retention(purge_before=soon))]
+    assert [list(ids) for ids in purged] == [["u1"]]
+    again = sm.register_state("u1", "user", user(n=100))
+    assert again["version"] == 1
+    assert sm.get_state("u1") == again  # filled
+    assert store._fill(leases, {"u1": tombstone}) == 0
+    assert sm.get_state("u1") == again
+    assert sm.bulk_get(["u1"]) == {"u1": again}
+    assert store.peek("u1") == again
+
+
+def test_a_fill_from_before_a_reset_never_lands(sm: StateManager) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    sm.update_state("u1", user(n=2))
+    sm.update_state("u1", user(n=3))
+    _, leases = store._lookup(["u1"])
+    old = store.inner.get("u1")
+    store.reset()
+    fresh = sm.register_state("u1", "user", user(n=100))
+    assert sm.get_state("u1") == fresh  # filled under the new generation
+    assert store._fill(leases, {"u1": old}) == 0
+    assert sm.get_state("u1") == fresh
+    assert store.peek("u1") == fresh
+
+
+def test_a_late_write_through_never_undoes_a_restore(
+    sm: StateManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    assert sm.get_state("u1")["version"] == 1
+    backup = store.inner.get("u1"), store.inner.history("u1")
+    assert backup[0] is not None
+    held: list[tuple[Any, ...]] = []
+    write_through = store._write_through
+    # The writer commits version 2; its write-through is slow to arrive.
+    monkeypatch.setattr(store, "_write_through", lambda *args: held.append(args))
+    assert sm.update_state("u1", user(n=2))["version"] == 2
+    monkeypatch.undo()
+    store.restore(backup[0], backup[1], replace=True)  # import --replace: version 1 again
+    assert sm.get_state("u1")["data"] == {"n": 1}  # filled
+    write_through(*held[0])  # ... and now the write-through of version 2 arrives
+    assert store.client.exists(store.key("u1")) == 0  # deleted, not written
+    assert sm.get_state("u1")["data"] == {"n": 1}
+    assert store.peek("u1")["data"] == {"n": 1}
+    # Under a generation it knew before committing, a writer still writes through.
+    assert sm.update_state("u1", user(n=3))["version"] == 2
+    assert store.peek("u1")["data"] == {"n": 3}
+    assert store.cache_stats()["write_throughs"] >= 1
+
+
+def test_a_write_skipped_during_the_probe_is_made_up(tmp_path: Path, clean_redis: str) -> None:
+    """A's probe has bumped and its reply is on the way; A's write-through meanwhile is skipped."""
+    config = {"STATEMANAGER_DATABASE_URI": f"sqlite:///{tmp_path / 'shared.sqlite3'}"}
+    app_a = _app(tmp_path / "a", clean_redis, **config)
+    app_b = _app(tmp_path / "b", clean_redis, **config)
+    manager = StateManager()
+    with app_a.app_context():
+        manager.register_state("u1", "user", user(n=1))
+        a = cached_store(manager)
+    with app_b.app_context():
+        b = cached_store(manager)
+    a._circuit.failed("ConnectionError: a blip")  # A saw Redis fail; the cooldown is over
+    a._circuit._open_until = 0.0
+    bumped, release = threading.Event(), threading.Event()
+
+    def probe(bump: bool) -> Any:
+        generation = a._probe_script(
+            keys=[a._generation_key], args=["1" if bump else "0"], client=a.client
+        )
+        bumped.set()
+        assert release.wait(10)
+        return generation
+
+    prober = threading.Thread(target=lambda: a._call("health check", probe))
+    prober.start()
+    try:
+        assert bumped.wait(10)
+        with app_b.app_context():
+            assert manager.get_state("u1")["version"] == 1  # B fills version 1, new generation
+        with app_a.app_context():
+            assert manager.update_state("u1", user(n=2))["version"] == 2  # write-through skipped
+    finally:
+        release.set()
+        prober.join()
+    assert a.cache_stats()["circuit"] != "closed"  # the probe could not close it
+    with app_a.app_context():
+        assert manager.get_state("u1")["data"] == {"n": 2}  # A bumps again first
+        assert manager.get_health_status()["checks"]["redis"]["status"] == "up"
+    assert a.cache_stats()["circuit"] == "closed"
+    with app_b.app_context():
+        assert manager.get_state("u1")["data"] == {"n": 2}
+        assert b.peek("u1")["version"] == 2
+
+
+class _Interrupt(BaseException):
+    """What gevent.Timeout or a worker's SystemExit looks like to the cache."""
+
+
+def test_an_interrupted_write_through_opens_the_circuit(
+    tmp_path: Path, clean_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _app(tmp_path, clean_redis, STATEMANAGER_CACHE_COOLDOWN=0.2).app_context():
+        sm = StateManager()
+        store = cached_store(sm)
+        sm.register_state("u1", "user", user(n=1))
+        assert sm.get_state("u1")["version"] == 1
+
+        def interrupted(**kwargs: Any) -> Any:
+            raise _Interrupt
+
+        monkeypatch.setattr(store, "_write_script", interrupted)
+        with pytest.raises(_Interrupt):
+            sm.update_state("u1", user(n=2))  # committed; the write-through never ran
+        monkeypatch.undo()
+        stats = store.cache_stats()
+        assert (stats["circuit"], stats["errors"]) == ("open", 1)
+        assert sm.get_state("u1")["data"] == {"n": 2}  # from the database
+        time.sleep(0.25)
+        assert sm.get_state("u1")["data"] == {"n": 2}  # the probe bumped first
+        assert store.cache_stats()["circuit"] == "closed"
+        assert store.peek("u1")["data"] == {"n": 2}
+
+
+def test_rotate_keys_leaves_no_plaintext_in_redis(tmp_path: Path, clean_redis: str) -> None:
+    key = Fernet.generate_key()
+    app = _app(tmp_path, clean_redis, STATEMANAGER_ENCRYPTION_KEYS=[key])
+    manager = StateManager()
+    manager.register_type("cachecard")
+    with app.app_context():
+        store = cached_store(manager)
+        for i in range(3):
+            manager.register_state(f"c{i}", "cachecard", {"data": {"pan": f"411111111111{i}"}})
+            assert manager.get_state(f"c{i}")["data"]["pan"] == f"411111111111{i}"  # cached
+    raw = redis.Redis.from_url(clean_redis)
+
+    def plaintext_in_redis() -> list[bytes]:
+        keys = list(raw.scan_iter(match=f"{store.prefix}:cache:{{*"))
+        return [k for k in keys if b"41111111111" in (raw.get(k) or b"")]
+
+    assert len(plaintext_in_redis()) == 3
+    manager.register_type("cachecard", encrypted_fields=["data.pan"])  # now a secret
+    manager.init_app(app)
+    with app.app_context():
+        store = cached_store(manager)
+        result = app.test_cli_runner().invoke(args=["states", "rotate-keys", "--batch-size", "2"])
+        assert result.exit_code == 0, result.output
+        assert plaintext_in_redis() == []
+        assert manager.get_state("c1")["data"]["pan"] == "4111111111111"  # filled again
+        assert store.peek("c1")["data"]["pan"].startswith("fernet:")  # Redis holds ciphertext
+        assert plaintext_in_redis() == []
+    raw.close()
+
+
+def _sent_commands(store: CachedStore, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every command this store's connections send from now on (scripts, checks, retries)."""
+    sent: list[Any] = []
+    connection_class = store.client.connection_pool.connection_class
+    send = connection_class.send_command
+
+    def counting(self: Any, *args: Any, **options: Any) -> Any:
+        sent.append(args[0] if args[0] != "CLIENT" else f"CLIENT {args[1]}")
+        return send(self, *args, **options)
+
+    monkeypatch.setattr(connection_class, "send_command", counting)
+    return sent
+
+
+def test_a_miss_reads_the_entry_once_and_connecting_sends_no_client_setinfo(
+    sm: StateManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    sm.register_state("u2", "user", user(n=2))
+    assert sm.get_state("u1")["version"] == 1  # connections are open and checked
+    sent = _sent_commands(store, monkeypatch)
+    assert sm.get_state("u2")["data"] == {"n": 2}
+    assert sent == ["MGET", "EVALSHA", "EVALSHA"]  # the hit path, the lease, the fill
+    assert store.peek("u2")["data"] == {"n": 2}
+    sent.clear()
+    store.client.connection_pool.disconnect()
+    assert sm.get_state("u2")["data"] == {"n": 2}  # a hit on a new connection
+    assert not [c for c in sent if str(c).startswith("CLIENT")], sent
+    assert sent[-2:] == ["EVAL", "MGET"]  # the restart check, then the hit
+
+
+def test_a_read_whose_redis_time_is_up_leaves_redis_alone(sm: StateManager) -> None:
+    store = cached_store(sm)
+    sm.register_state("u1", "user", user(n=1))
+    spent = _Budget(TIMEOUT)
+    spent.left = TIMEOUT / 8  # less than one socket wait left
+    with pytest.raises(_Skipped):
+        store._lookup(["u1"], spent)
+    assert store.client.exists(store.key("u1")) == 0  # no lease taken
+    _, leases = store._lookup(["u1"], _Budget(TIMEOUT))
+    assert store._fill(leases, {"u1": store.inner.get("u1")}, spent) == 0
+    assert store.client.get(store.key("u1")) == leases["u1"]  # the lease just runs out
+    assert store.cache_stats()["skipped"] == 2
+    assert store.cache_stats()["circuit"] == "closed"  # time up is no failure
+    assert sm.get_state("u1")["version"] == 1
 
 
 def test_own_client_with_short_timeouts_and_one_retry(tmp_path: Path, clean_redis: str) -> None:

@@ -18,7 +18,7 @@ Keys
     A string, never expiring: ``n``, the current generation (a number).
 ``<prefix>:cache:run``
     A string, never expiring: the Redis ``run_id`` of the server instance
-    whose start the generation has accounted for (rule 6).
+    whose start the generation has accounted for (rule 7).
 
 A *hit* is one plain command, ``MGET <generation> <entry>`` (atomic in Redis):
 the entry counts only if it starts with the generation it was read with, which
@@ -36,8 +36,9 @@ Why a read never returns a version older than the last committed one
    process.
 2. **Fill leases.** A miss leaves a lease ``m:<n>:<token>`` in the key (or
    shares the one already there); the reader then reads the store and fills
-   only if its lease is still in place or the entry holds a lower version. A
-   write-through *deletes* a lease. So a slow reader whose store read predates
+   only if its lease is still in place, or its lease carries the current
+   generation and the entry holds a lower version. A write-through *deletes*
+   a lease. So a slow reader whose store read predates
    a commit cannot leave its old version behind: if it fills before the
    commit's write-through, the write-through replaces the lower version; if
    after, its lease is gone; and a lease taken after the commit precedes a
@@ -48,18 +49,34 @@ Why a read never returns a version older than the last committed one
    current generation with a *lower* version, and never creates one: a missing
    key may have held a newer version that was evicted, so the next read fills
    it instead. Two writers' write-throughs in any order leave the higher
-   version.
-4. **Unknown outcomes invalidate.** When the store fails mid-write (the commit
+   version. It carries the generation its process last saw *before* the
+   commit (from any earlier reply, so no extra round trip); if the
+   generation has changed since, it deletes the keys instead of writing
+   (deleting is always safe: the next read fills from the store).
+4. **Operations that may lower a version bump.** ``restore(replace=True)``
+   (``flask states import --replace``), the purges of ``prune`` and
+   ``reset`` delete the keys and bump the generation after the store
+   changed. Within one generation versions only grow, which is what rules 2
+   and 3 rely on; across the bump, no fill (its lease is of the old
+   generation) and no write-through (it knew the old generation) that
+   started before can install anything. ``rewrite`` (``rotate-keys``) keeps
+   versions but deletes each batch's rewritten entries as it goes, so no old
+   document (plaintext of a newly encrypted field, ciphertext under a retired
+   key) stays in Redis, and bumps at the end.
+5. **Unknown outcomes invalidate.** When the store fails mid-write (the commit
    may or may not have happened), the touched keys are deleted.
-5. **A process that saw Redis fail bumps before it uses Redis again.** Any
-   error or timeout opens the circuit: for ``cooldown`` seconds the process
+6. **A process that saw Redis fail bumps before it uses Redis again.** Any
+   error or timeout (or a ``BaseException`` such as ``gevent.Timeout`` in the
+   middle of a call, which is re-raised) opens the circuit: for ``cooldown`` seconds the process
    leaves Redis alone, and writes commit without write-through, so Redis may
    keep older versions. The first call after the cooldown (or a health check)
    is the half-open probe, and its script bumps the generation before it
-   reads; until that succeeds the circuit stays open. One failed
-   write-through therefore invalidates the whole cache before the writer's
-   process reads it again.
-6. **A restarted or replaced server is bumped before its first read.** Redis
+   reads; until that succeeds the circuit stays open. A write-through or
+   invalidation skipped while the probe is in flight (its bump may already
+   have run) keeps the probe from closing the circuit: the next call bumps
+   again. One failed or skipped write-through therefore invalidates the
+   whole cache before the writer's process reads it again.
+7. **A restarted or replaced server is bumped before its first read.** Redis
    may come back from its AOF or RDB file with old entries *and* the old
    generation and run keys. A restart or failover always drops the TCP
    connections to the server (a restart ends the process; Sentinel kills the
@@ -95,12 +112,22 @@ Timeouts
 
 The cache talks to Redis through its own client, built from the given
 client's connection settings with ``socket_timeout`` and
-``socket_connect_timeout`` of ``timeout / 4`` and one retry without backoff:
-a reply that times out, the reconnection and the retry's reply are four such
-waits at most, so a call gives up within ``timeout`` (on a paused server the
-first call takes about ``timeout / 2``; the restart check of a new connection
-is part of connecting, with the same waits). After a failure the circuit keeps
-every call away from Redis for ``cooldown`` seconds.
+``socket_connect_timeout`` of ``timeout / 4``, one retry without backoff, and
+no ``CLIENT SETINFO`` on connecting: a reply that times out, the reconnection
+and the retry's reply are four such waits at most, so a Redis command gives up
+within ``timeout`` (on a paused server the first call takes about
+``timeout / 2``; the restart check of a new connection is part of connecting,
+with the same waits, and so is ``SELECT`` for a database other than 0).
+
+A read that misses runs up to three steps: the ``MGET`` (whose answer the
+lease script does not repeat), the lease script, and after the store read
+the fill. Each read has a budget of ``timeout`` seconds of Redis time (its
+store read does not count): a step starts only while at least one socket wait
+is left, otherwise the read goes on with the store alone and leaves Redis as
+it is (a lease left behind just expires). A step that has started is bounded
+by its socket waits, so a read spends at most a little over ``timeout`` in
+Redis even when each reply comes just before its timeout. After a failure the
+circuit keeps every call away from Redis for ``cooldown`` seconds.
 Redis errors never reach the caller: they are logged on the
 ``flask_statemanager`` logger, counted (:meth:`CachedStore.cache_stats`), and the
 store answers instead.
@@ -115,6 +142,7 @@ unless it also shares the database: cache keys name states, not databases.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -191,7 +219,7 @@ local function bump_from(n)
 end
 """
 
-# Run on every new connection before anything else (rule 6): KEYS[1] the
+# Run on every new connection before anything else (rule 7): KEYS[1] the
 # generation, KEYS[2] the run key. -> the generation. A generation hash left
 # by an older version of this module is replaced (its entries are then older).
 _CONNECT = (
@@ -254,7 +282,8 @@ return out
 )
 
 # ARGV[2]: ttl in ms; then per key: the lease from the read, version, JSON.
-# -> how many entries were filled.
+# -> how many entries were filled. Only a lease of the current generation may
+# replace an entry it does not hold (one of a lower version).
 _FILL = (
     _GENERATION
     + """
@@ -263,9 +292,10 @@ for i = 2, #KEYS do
   local j = 3 * i - 3
   local entry = redis.call('GET', KEYS[i])
   local ok = false
-  if entry and entry == ARGV[j] and string.sub(entry, 1, #lease) == lease then
+  local current = string.sub(ARGV[j], 1, #lease) == lease
+  if entry and entry == ARGV[j] and current then
     ok = true
-  elseif entry and string.sub(entry, 1, #live) == live then
+  elseif entry and current and string.sub(entry, 1, #live) == live then
     ok = version_of(entry) < tonumber(ARGV[j + 1])
   end
   if ok then
@@ -277,28 +307,36 @@ return filled
 """
 )
 
-# ARGV[2]: ttl in ms; then per key: version, JSON. -> how many entries were replaced.
+# ARGV[2]: the generation the writer knew before it committed, ARGV[3]: ttl in
+# ms; then per key: version, JSON. -> {generation, how many entries were
+# replaced}. If the generation changed since, the keys are deleted instead.
 _WRITE = (
     _GENERATION
     + """
+if g ~= ARGV[2] then
+  for i = 2, #KEYS do
+    redis.call('DEL', KEYS[i])
+  end
+  return {g, 0}
+end
 local written = 0
 for i = 2, #KEYS do
-  local j = 2 * i - 1
+  local j = 2 * i
   local entry = redis.call('GET', KEYS[i])
   if entry and string.sub(entry, 1, #live) == live then
     if version_of(entry) < tonumber(ARGV[j]) then
-      redis.call('SET', KEYS[i], live .. ARGV[j] .. ':' .. ARGV[j + 1], 'PX', ARGV[2])
+      redis.call('SET', KEYS[i], live .. ARGV[j] .. ':' .. ARGV[j + 1], 'PX', ARGV[3])
       written = written + 1
     end
   elseif entry and string.sub(entry, 1, #lease) == lease then
     redis.call('DEL', KEYS[i])
   end
 end
-return written
+return {g, written}
 """
 )
 
-# Delete the state keys; -> the generation.
+# Delete the state keys (bumping first when ARGV[1] is "1"); -> the generation.
 _INVALIDATE = (
     _GENERATION
     + """
@@ -330,7 +368,31 @@ _MISS: Any = object()
 
 
 class _Skipped(Exception):
-    """Redis is not being used right now (circuit open), or the call failed."""
+    """Redis is not being used right now (circuit open, time up), or the call failed."""
+
+
+class _Budget:
+    """The Redis time one read has left (``timeout``); its store reads do not count.
+
+    A step (taking a lease, filling) starts only while at least one socket
+    wait (``timeout / 4``) is left, so a read that met a slow Redis on its
+    way in leaves it alone on its way out.
+    """
+
+    __slots__ = ("left", "step")
+
+    def __init__(self, timeout: float) -> None:
+        self.left = timeout
+        self.step = timeout / 4
+
+    def spend(self, since: float) -> None:
+        """Charge the time since *since* (a ``time.perf_counter()`` reading)."""
+        self.left -= time.perf_counter() - since
+
+    def exhausted(self, since: float | None = None) -> bool:
+        """Whether no further step fits (counting the time since *since* as spent too)."""
+        pending = 0.0 if since is None else time.perf_counter() - since
+        return self.left - pending < self.step
 
 
 class _Circuit:
@@ -338,7 +400,8 @@ class _Circuit:
 
     Closed: calls go to Redis. After a failure it opens for ``cooldown``
     seconds; then one call (the half-open probe) goes through and bumps the
-    generation; only its success closes the circuit.
+    generation; only its success closes the circuit, and only if nothing
+    since it started failed or was skipped that the bump has to make up for.
     """
 
     def __init__(self, cooldown: float) -> None:
@@ -347,14 +410,15 @@ class _Circuit:
         self._open_until = 0.0
         self.must_bump = False
         self.faults = 0
+        self.skips = 0
         self.last_error: str | None = None
 
-    def admit(self) -> tuple[bool, int] | None:
-        """``None`` to skip Redis, else (whether to bump, faults seen so far)."""
+    def admit(self) -> tuple[bool, tuple[int, int]] | None:
+        """``None`` to skip Redis, else (whether to bump, faults and skips seen so far)."""
         if not self.must_bump:
             # Closed: no lock needed. A failure racing with this call is as if it
             # came just after the call was admitted, as it could with the lock.
-            return False, self.faults
+            return False, (self.faults, self.skips)
         with self._lock:
             now = time.monotonic()
             if now < self._open_until:
@@ -362,18 +426,23 @@ class _Circuit:
             if self.must_bump:
                 # The half-open probe: everyone else keeps skipping until it is back.
                 self._open_until = now + self.cooldown
-            return self.must_bump, self.faults
+            return self.must_bump, (self.faults, self.skips)
 
-    def succeeded(self, bumped: bool, seen: int) -> bool:
+    def succeeded(self, bumped: bool, seen: tuple[int, int]) -> bool:
         """Record a call that worked; ``True`` if it closed the circuit."""
         if not bumped:
             return False
         with self._lock:
-            # A failure since the probe started still owes a bump of its own.
-            if bumped and self.must_bump and seen == self.faults:
+            if not self.must_bump:
+                return False
+            if seen == (self.faults, self.skips):
                 self.must_bump = False
                 self._open_until = 0.0
                 return True
+            if seen[0] == self.faults:
+                # Only skipped writes since the probe's bump: bump again at once.
+                self._open_until = 0.0
+            # A failure since the probe started owes a bump of its own, after the cooldown.
             return False
 
     def failed(self, error: str) -> None:
@@ -385,6 +454,19 @@ class _Circuit:
             self.must_bump = True
             self._open_until = time.monotonic() + self.cooldown
             self.last_error = error
+
+    def skipped(self) -> None:
+        """A write-through or invalidation left Redis alone: a bump is owed.
+
+        The circuit was open, or its probe in flight (whose bump may already
+        have run, so it must not close the circuit). If a probe closed it in
+        the meantime, the next call probes again at once.
+        """
+        with self._lock:
+            self.skips += 1
+            if not self.must_bump:
+                self._open_until = 0.0
+                self.must_bump = True
 
     @property
     def state(self) -> str:
@@ -440,6 +522,9 @@ class CachedStore(Store):
         self._peek_script = self.client.register_script(_PEEK)
         self._probe_script = self.client.register_script(_PROBE)
         self._circuit = _Circuit(cooldown)
+        # The last generation this process saw in a reply: a write-through
+        # carries the one read before its commit (rule 3).
+        self._generation: bytes | None = None
         self._stats_lock = threading.Lock()
         self._stats = dict.fromkeys(
             ("hits", "misses", "fills", "write_throughs", "invalidations", "errors", "skipped"),
@@ -478,34 +563,65 @@ class CachedStore(Store):
             for name, delta in deltas.items():
                 self._stats[name] += delta
 
-    def _call(self, what: str, fn: Callable[[bool], T]) -> T:
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[bool], T],
+        *,
+        owes: bool = False,
+        budget: _Budget | None = None,
+    ) -> T:
         """Run ``fn(bump)`` against Redis under the circuit breaker.
 
-        :raises _Skipped: the circuit is open or the call failed (logged and
-            counted); the caller goes on with the store alone.
+        :param owes: the call keeps the cache true (a write-through, an
+            invalidation): skipping it leaves a bump owed.
+        :param budget: a read's Redis time: the call is skipped once it is up,
+            and charged with the time the call took.
+        :raises _Skipped: the circuit is open, the time is up or the call
+            failed (logged and counted); the caller goes on with the store alone.
         """
-        admitted = self._circuit.admit()
+        admitted = None if budget is not None and budget.exhausted() else self._circuit.admit()
         if admitted is None:
             self._count(skipped=1)
+            if owes:
+                self._circuit.skipped()
             raise _Skipped
         bump, seen = admitted
+        start = time.perf_counter()
         try:
             result = fn(bump)
         except Exception as exc:  # any failure of the cache means: use the store
             self._failed(what, exc)
             raise _Skipped from exc
+        except BaseException as exc:  # gevent.Timeout, SystemExit: the outcome is unknown
+            self._failed(what, exc)
+            raise
+        finally:
+            if budget is not None:
+                budget.spend(start)
         if bump and self._circuit.succeeded(bump, seen):
             logger.info("Redis cache is back; generation bumped, older entries are ignored.")
         return result
 
-    def _script(self, what: str, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _script(
+        self,
+        what: str,
+        script: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        owes: bool = False,
+        budget: _Budget | None = None,
+    ) -> Any:
         """Run a Lua script under the circuit breaker; its first argument is the bump flag."""
         return self._call(
             what,
             lambda bump: script(keys=keys, args=["1" if bump else "0", *args], client=self.client),
+            owes=owes,
+            budget=budget,
         )
 
-    def _failed(self, what: str, exc: Exception) -> None:
+    def _failed(self, what: str, exc: BaseException) -> None:
         """Open the circuit after a failed call; log and count it."""
         error = _describe(exc)
         self._circuit.failed(error)
@@ -527,39 +643,46 @@ class CachedStore(Store):
             and entry[len(generation) : len(generation) + 1] == b":"
         )
 
-    def _lookup(self, state_ids: Sequence[str]) -> tuple[dict[str, State | None], dict[str, bytes]]:
-        """Cached records (hits), and the fill lease for each miss.
+    def _lookup(
+        self, state_ids: Sequence[str], budget: _Budget | None = None, *, fetched: bool = False
+    ) -> tuple[dict[str, State | None], dict[str, bytes]]:
+        """Cached records (hits), and the fill lease for each miss that got one.
 
-        One ``MGET`` of the generation and the entries; the misses then take
-        or share leases in one script. A process that owes a bump runs the
-        script for every id (it bumps first).
+        One ``MGET`` of the generation and the entries (unless *fetched*: the
+        caller's own ``MGET`` missed them all); the misses then take or share
+        leases in one script, if the *budget* leaves time for it. A process
+        that owes a bump runs the script for every id (it bumps first).
 
-        :raises _Skipped: Redis is not available.
+        :raises _Skipped: Redis is not available, or the budget is spent.
         """
 
         def run(bump: bool) -> tuple[dict[str, State | None], dict[str, bytes]]:
             # Decoded here, so a damaged entry counts as a cache failure (and is
             # left behind by the bump that follows) rather than reaching the caller.
+            start = time.perf_counter()
             hits: dict[str, State | None] = {}
             leases: dict[str, bytes] = {}
             missing: Sequence[str] = state_ids
-            if not bump:
+            if not bump and not fetched:
                 reply = self.client.execute_command(  # type: ignore[no-untyped-call]
                     "MGET", self._generation_key, *map(self.key, state_ids)
                 )
-                generation = reply[0]
+                generation = self._generation = reply[0]
                 missing = []
                 for state_id, entry in zip(state_ids, reply[1:], strict=True):
                     if self._hit(generation, entry):
                         hits[state_id] = self._decode(entry)
                     else:
                         missing.append(state_id)
-            if missing:
+            if missing and budget is not None and not bump and budget.exhausted(start):
+                self._count(skipped=1)  # no time left for a lease: the store answers alone
+            elif missing:
                 reply = self._read_script(
                     keys=self._keys(missing),
                     args=["1" if bump else "0", os.urandom(8).hex(), self._lease_ms],
                     client=self.client,
                 )
+                self._generation = reply[0]
                 for state_id, entry in zip(missing, reply[1:], strict=True):
                     if entry.startswith(b"m:"):
                         leases[state_id] = entry
@@ -567,9 +690,14 @@ class CachedStore(Store):
                         hits[state_id] = self._decode(entry)
             return hits, leases
 
-        return self._call("read", run)
+        return self._call("read", run, budget=budget)
 
-    def _fill(self, leases: Mapping[str, bytes], rows: Mapping[str, State | None]) -> int:
+    def _fill(
+        self,
+        leases: Mapping[str, bytes],
+        rows: Mapping[str, State | None],
+        budget: _Budget | None = None,
+    ) -> int:
         """Install what the store returned for ids read under *leases*; how many went in.
 
         An id missing from *rows* is cached as absent. A fill whose lease is
@@ -583,15 +711,26 @@ class CachedStore(Store):
 
         try:
             filled = int(
-                self._script("fill", self._fill_script, self._keys(leases), [self._ttl_ms, *args])
+                self._script(
+                    "fill",
+                    self._fill_script,
+                    self._keys(leases),
+                    [self._ttl_ms, *args],
+                    budget=budget,
+                )
             )
         except _Skipped:
             return 0
         self._count(fills=filled)
         return filled
 
-    def _write_through(self, writes: Sequence[Write]) -> None:
-        """Replace cached entries of the committed states that hold a lower version."""
+    def _write_through(self, writes: Sequence[Write], known: bytes | None) -> None:
+        """Replace cached entries of the committed states that hold a lower version.
+
+        *known* is the generation this process knew before the commit: if it
+        changed since (a restore, purge or reset may have lowered a version in
+        between), the entries are deleted instead.
+        """
         latest: dict[str, State] = {}
         for write in writes:  # a batch may write one state twice: keep the last
             latest[write.state["state_id"]] = write.state
@@ -600,27 +739,45 @@ class CachedStore(Store):
             args.extend(self._encode(state))
 
         try:
-            written = self._script(
-                "write-through", self._write_script, self._keys(latest), [self._ttl_ms, *args]
+            generation, written = self._script(
+                "write-through",
+                self._write_script,
+                self._keys(latest),
+                [known or b"", self._ttl_ms, *args],
+                owes=True,
             )
+            self._generation = generation
             self._count(write_throughs=int(written))
         except _Skipped:
-            pass  # the circuit is open: this process bumps before it reads Redis again
+            pass  # skipped or failed: this process bumps before it reads Redis again
 
-    def _invalidate(self, state_ids: Sequence[str]) -> None:
-        """Delete the entries of *state_ids*: always safe, whatever the store holds."""
+    def _invalidate(self, state_ids: Sequence[str], *, bump: bool = False) -> None:
+        """Delete the entries of *state_ids*: always safe, whatever the store holds.
+
+        With *bump*, the generation is bumped too (after a store change that
+        may have lowered versions), so no fill or write-through that started
+        before it can install anything.
+        """
+
+        def run(owed: bool) -> Any:
+            return self._invalidate_script(
+                keys=self._keys(state_ids), args=["1" if bump or owed else "0"], client=self.client
+            )
 
         try:
-            self._script("invalidation", self._invalidate_script, self._keys(state_ids), [])
+            self._generation = self._call("invalidation", run, owes=True)
             self._count(invalidations=len(state_ids))
         except _Skipped:
-            pass
+            pass  # skipped or failed: this process bumps before it reads Redis again
 
     # -- reads ----------------------------------------------------------------------
 
     def get(self, state_id: str) -> State | None:
+        budget = _Budget(self.timeout)
+        fetched = False
         if not self._circuit.must_bump:
             # The hit path: one MGET, no lock but the counter's.
+            start = time.perf_counter()
             try:
                 generation, entry = self.client.execute_command(  # type: ignore[no-untyped-call]
                     "MGET", self._generation_key, f"{self._key_prefix}{state_id}}}"
@@ -630,12 +787,18 @@ class CachedStore(Store):
                 self._failed("read", exc)
                 self._count(misses=1)
                 return self.inner.get(state_id)
+            except BaseException as exc:
+                self._failed("read", exc)
+                raise
             if state is not _MISS:
                 with self._stats_lock:
                     self._stats["hits"] += 1
                 return state
+            budget.spend(start)
+            self._generation = generation
+            fetched = True  # the lookup goes straight to the lease
         try:
-            hits, leases = self._lookup([state_id])
+            hits, leases = self._lookup([state_id], budget, fetched=fetched)
         except _Skipped:
             self._count(misses=1)
             return self.inner.get(state_id)
@@ -644,23 +807,25 @@ class CachedStore(Store):
             return hits[state_id]
         self._count(misses=1)
         row = self.inner.get(state_id)
-        self._fill(leases, {state_id: row})
+        self._fill(leases, {state_id: row}, budget)
         return row
 
     def get_many(self, state_ids: Sequence[str]) -> dict[str, State]:
         ids = list(dict.fromkeys(state_ids))
         if not ids:
             return {}
+        budget = _Budget(self.timeout)
         try:
-            hits, leases = self._lookup(ids)
+            hits, leases = self._lookup(ids, budget)
         except _Skipped:
             self._count(misses=len(ids))
             return self.inner.get_many(ids)
-        self._count(hits=len(hits), misses=len(leases))
+        missing = [i for i in ids if i not in hits]
+        self._count(hits=len(hits), misses=len(missing))
         found = {i: s for i, s in hits.items() if s is not None}
-        if leases:
-            rows = self.inner.get_many(list(leases))
-            self._fill(leases, rows)
+        if missing:
+            rows = self.inner.get_many(missing)
+            self._fill(leases, rows, budget)
             found.update(rows)
         return {i: found[i] for i in ids if i in found}
 
@@ -686,6 +851,7 @@ class CachedStore(Store):
     # -- writes -------------------------------------------------------------------------
 
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
+        known = self._generation  # read before the commit (rule 3)
         try:
             writes = self.inner.apply(state_ids, plan)
         except VersionMismatch:
@@ -698,20 +864,22 @@ class CachedStore(Store):
             self._invalidate(state_ids)
             raise
         if writes:
-            self._write_through(writes)
+            self._write_through(writes, known)
         return writes
 
     def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
         """Restore in the store, then drop the state's cache entry (whatever happened).
 
-        A restore may lower a state's version (``replace``), which a
-        write-through would never store, so the entry is deleted instead; a
-        fill that read the store before the restore loses its lease with it.
+        A restore with ``replace`` may lower a state's version, which a
+        write-through would never store, so the entry is deleted and the
+        generation bumped: a fill or write-through that started before the
+        restore then installs nothing (rules 2 and 3). Without ``replace``
+        the store held nothing for the id, and deleting the entry is enough.
         """
         try:
             self.inner.restore(state, changes, replace=replace)
         finally:
-            self._invalidate([state["state_id"]])
+            self._invalidate([state["state_id"]], bump=replace)
 
     # -- the rest is the store's ----------------------------------------------------------
 
@@ -774,11 +942,13 @@ class CachedStore(Store):
 
         A purged id registered again starts over at version 1, and a
         write-through never replaces a higher version: without the deletion,
-        the cache would go on serving the old tombstone.
+        the cache would go on serving the old tombstone. Each batch with
+        purges also bumps the generation, so a fill or write-through of the
+        old tombstone that is still under way installs nothing.
         """
         for batch in self.inner.prune(type_name, retention, batch_size=batch_size, dry_run=dry_run):
             if batch.purged and not dry_run:
-                self._invalidate(batch.purged)
+                self._invalidate(batch.purged, bump=True)
             yield batch
 
     def check(self) -> dict[str, Any]:
@@ -798,11 +968,11 @@ class CachedStore(Store):
                     batch.clear()
             if batch:
                 self.client.unlink(*batch)
-            # Fills in flight hold leases of the old generation: they go nowhere.
+            # Fills and write-throughs in flight carry the old generation: they go nowhere.
             return self._probe_script(keys=[self._generation_key], args=["1"], client=self.client)
 
         try:
-            self._call("reset", run)
+            self._generation = self._call("reset", run, owes=True)
         except _Skipped:
             pass
         with self._stats_lock:
@@ -811,26 +981,46 @@ class CachedStore(Store):
     def rewrite(
         self, states: StateRewrite, changes: ChangeRewrite, *, batch_size: int = 500
     ) -> tuple[int, Iterator[int]]:
-        """Rewrite the store's documents, then bump the generation: every entry goes.
+        """Rewrite the store's documents, deleting the rewritten states' entries as it goes.
 
-        Bumping once at the end (rather than deleting each rewritten key) also
-        voids fills that read the store before their state was rewritten. If
-        Redis is unreachable then, this process bumps before it reads Redis
-        again (the circuit's rule), and other processes' entries end with
-        their TTL.
+        After each batch the entries of the states it rewrote are deleted, so
+        no old document (e.g. the plaintext of a field that is now encrypted,
+        or a ciphertext under a retired key) stays in Redis; a fill that read
+        the store before its state was rewritten loses its lease with the
+        entry. The generation is bumped at the end as well. If Redis is
+        unreachable meanwhile, this process bumps before it reads Redis again
+        (the circuit's rule), and other processes' entries end with their TTL.
         """
-        total, batches = self.inner.rewrite(states, changes, batch_size=batch_size)
+        rewritten: list[str] = []
+
+        def tracking(state: State) -> State | None:
+            new = states(state)
+            if new is not None:
+                rewritten.append(state["state_id"])
+            return new
+
+        total, batches = self.inner.rewrite(tracking, changes, batch_size=batch_size)
+
+        def drop() -> None:
+            if rewritten:
+                ids = list(rewritten)
+                rewritten.clear()
+                self._invalidate(ids)
 
         def run() -> Iterator[int]:
             try:
-                yield from batches
+                for count in batches:
+                    drop()
+                    yield count
             finally:
+                drop()
                 try:
-                    self._call(
+                    self._generation = self._call(
                         "invalidation",
                         lambda _bump: self._probe_script(
                             keys=[self._generation_key], args=["1"], client=self.client
                         ),
+                        owes=True,
                     )
                 except _Skipped:
                     pass
@@ -858,7 +1048,7 @@ class CachedStore(Store):
             )
 
         try:
-            self._call("health check", probe)
+            self._generation = self._call("health check", probe)
             report["status"] = "up"
         except _Skipped:
             report["status"] = "down"
@@ -879,7 +1069,8 @@ class CachedStore(Store):
     def cache_stats(self) -> dict[str, Any]:
         """Counters since start: hits, misses, fills, write-throughs, errors, skipped calls.
 
-        ``skipped`` counts calls that left Redis alone because the circuit was open.
+        ``skipped`` counts calls that left Redis alone because the circuit was
+        open, or because a read had used up its time (``timeout``) already.
         """
         with self._stats_lock:
             snapshot: dict[str, Any] = dict(self._stats)
@@ -893,7 +1084,7 @@ def _derive_client(
 ) -> redis.Redis:
     """A client for the same server as *client*, with the cache's timeouts and one retry.
 
-    Every connection it opens runs the restart check (rule 6) before it is used.
+    Every connection it opens runs the restart check (rule 7) before it is used.
     """
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
@@ -915,6 +1106,13 @@ def _derive_client(
     else:
         # Maintenance mode would relax the timeouts to seconds.
         kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    # No CLIENT SETINFO on connect: two more round trips, each with its own wait.
+    for name in ("driver_info", "lib_name", "lib_version"):
+        kwargs.pop(name, None)
+    if "driver_info" in inspect.signature(redis.connection.AbstractConnection.__init__).parameters:
+        kwargs["driver_info"] = None
+    else:  # pragma: no cover - older redis-py
+        kwargs.update(lib_name=None, lib_version=None)
     own_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
     return redis.Redis(connection_pool=own_pool)
 
