@@ -135,6 +135,7 @@ from ..query import Query
 from ..records import Change, State, isoformat, utcnow
 from .base import (
     ChangeRewrite,
+    LostRace,
     Plan,
     Pruned,
     Retention,
@@ -688,7 +689,7 @@ class CachedStore(Store):
     def apply(self, state_ids: Sequence[str], plan: Plan) -> Sequence[Write]:
         try:
             writes = self.inner.apply(state_ids, plan)
-        except VersionMismatch:
+        except (VersionMismatch, LostRace):
             raise  # nothing was written
         except StateManagerError as exc:
             if isinstance(exc, BackendUnavailableError):
