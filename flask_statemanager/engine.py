@@ -23,7 +23,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, overload
@@ -44,7 +44,7 @@ from .errors import (
 from .events import Callbacks, Committed, dispatch
 from .migrations import DEFAULT_VERSION, Migrations
 from .records import Change, State, new_change_id, utcnow
-from .stores.base import VersionMismatch, Write
+from .stores.base import LostRace, VersionMismatch, Write
 from .validation import Validator
 
 if TYPE_CHECKING:
@@ -233,6 +233,9 @@ def commit(
         # Decrypting is the first step after the store's read.
         current = {i: None if r is None else encryption.open_state(r) for i, r in rows.items()}
         limits = Limits(registry, runtime)
+        # Every limited type the batch may create in, locked (and counted) in
+        # sorted order, so two batches never wait on each other's types.
+        limits.prepare(op.create_type for op in operations if op.create_type is not None)
         for op in operations:
             try:
                 writes = _plan_one(registry, runtime, op, current.get(op.state_id), now, limits)
@@ -251,9 +254,16 @@ def commit(
         # (and signals and callbacks after the commit) works on plaintext.
         return [encryption.seal_write(w) for w, _ in committed]
 
+    given_up: StateManagerError | None = None  # what a lost race raises when retries run out
     for attempt in range(attempts):
         try:
             runtime.store.apply(state_ids, plan)
+        except LostRace as lost:
+            # Another writer got in the way of the batch as a whole: plan again.
+            given_up = lost.error
+            if attempt + 1 < attempts:
+                time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
+            continue
         except VersionMismatch as lost:
             # Only stores without locks get here: another writer won the race.
             expected = next(
@@ -262,6 +272,7 @@ def commit(
             )
             if expected is not None:
                 raise StateConflictError(lost.state_id, expected, lost.actual_version) from None
+            given_up = None
             if attempt + 1 < attempts:
                 # Back off with jitter so racing writers stop colliding.
                 time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
@@ -272,6 +283,8 @@ def commit(
         _count_rejections(runtime, rejected)
         after_commit(registry, runtime, committed)
         return list(outcomes)
+    if given_up is not None:
+        raise given_up
     raise StateConflictError(
         state_ids[0] if state_ids else "",
         None,
@@ -365,17 +378,50 @@ class Limits:
     status. The store counts under its write lock where that covers every
     writer of the type (memory, SQLite, and PostgreSQL through an advisory
     lock per type); Redis checks again in its commit script.
+
+    Counts are bounded (a type far over a lowered limit is not counted
+    whole): the bound is the limit plus one plus the states the batch
+    releases, so a batch deleting states of a type over its limit can never
+    create more than it leaves room for.
     """
 
     def __init__(self, registry: Registry, runtime: Runtime) -> None:
         self._registry = registry
         self._runtime = runtime
-        self._counts: dict[str, int] = {}
+        #: Per type: the count read and the bound it was read with (a count
+        #: that reached its bound may be more).
+        self._read: dict[str, tuple[int, int]] = {}
+        self._created: dict[str, int] = {}
+        self._released: dict[str, int] = {}
 
     def maximum(self, type_name: str) -> int | None:
         """The ``max_states`` of *type_name*, or the global one, or ``None``."""
         own = self._registry.type(type_name).max_states
         return own if own is not None else self._runtime.settings.max_states_per_type
+
+    def prepare(self, type_names: Iterable[str]) -> None:
+        """Count the limited types among *type_names* now, in sorted order.
+
+        The store locks each type as it counts it (PostgreSQL's advisory
+        locks): sorted, two batches creating in the same types take them in
+        the same order and never deadlock. Unknown types are left to the
+        operation naming them, which reports them.
+        """
+        for type_name in sorted(set(type_names)):
+            if type_name in self._registry.types:
+                maximum = self.maximum(type_name)
+                if maximum is not None:
+                    self._count(type_name, maximum)
+
+    def _count(self, type_name: str, maximum: int) -> int:
+        """The type's count as this batch leaves it so far: stored, plus created, less released."""
+        released = self._released.get(type_name, 0)
+        bound = maximum + 1 + released  # enough to tell whether one more fits
+        read = self._read.get(type_name)
+        if read is None or (read[0] >= read[1] and read[1] < bound):
+            read = (self._runtime.store.count_type(type_name, bound), bound)
+            self._read[type_name] = read
+        return read[0] + self._created.get(type_name, 0) - released
 
     def admit(self, type_name: str, state_id: str, row: State | None) -> int | None:
         """Count one more state of *type_name*; return its limit (``None``: unlimited).
@@ -388,31 +434,26 @@ class Limits:
         maximum = self.maximum(type_name)
         if maximum is None:
             return None
-        if type_name not in self._counts:
-            self._counts[type_name] = self._runtime.store.count_type(type_name, maximum + 1)
         replaced = row is not None and row["type"] == type_name
         replaced = replaced and row["status"] not in (DELETED, EXPIRED)  # type: ignore[index]
-        count = self._counts[type_name] + (0 if replaced else 1)
+        count = self._count(type_name, maximum) + (0 if replaced else 1)
         if count > maximum:
             raise StateLimitError(
-                f"Cannot create {state_id!r}: type {type_name!r} already holds {maximum} states, "
-                f"its limit (max_states or STATEMANAGER_MAX_STATES_PER_TYPE); delete states of "
+                f"Cannot create {state_id!r}: type {type_name!r} is at its limit of {maximum} "
+                "states (max_states or STATEMANAGER_MAX_STATES_PER_TYPE); delete states of "
                 "this type or raise the limit.",
                 limit="states",
                 value=count,
                 maximum=maximum,
             )
-        self._counts[type_name] = count
+        if not replaced:
+            self._created[type_name] = self._created.get(type_name, 0) + 1
         return maximum
 
     def release(self, type_name: str) -> None:
         """Count one state of *type_name* less (the batch deletes or expires it)."""
-        maximum = self.maximum(type_name)
-        if maximum is None:
-            return
-        if type_name not in self._counts:
-            self._counts[type_name] = self._runtime.store.count_type(type_name, maximum + 1)
-        self._counts[type_name] -= 1
+        if self.maximum(type_name) is not None:
+            self._released[type_name] = self._released.get(type_name, 0) + 1
 
 
 def _prepare(
@@ -579,8 +620,8 @@ def expire(registry: Registry, runtime: Runtime, state_id: str) -> State | None:
 
     try:
         runtime.store.apply([state_id], plan)
-    except VersionMismatch:
-        return None
+    except (VersionMismatch, LostRace):
+        return None  # another worker recorded it, or will on a later sweep
     after_commit(registry, runtime, committed)
     return committed[0][0].state if committed else None
 

@@ -330,6 +330,33 @@ class RetentionContract:
             tx.register_state("s5", "slot", doc())  # one too many, even after the delete
         assert sorted(s["state_id"] for s in sm.search_states("slot")) == ["s1", "s3"]
 
+    def test_deletes_free_no_more_places_than_a_lowered_limit_leaves(
+        self, sm: StateManager
+    ) -> None:
+        sm.register_type("slot", max_states=20)
+        for i in range(10):
+            sm.register_state(f"old{i}", "slot", doc())
+        sm.register_type("slot", max_states=2)  # lowered below what the type holds
+        with pytest.raises(StateLimitError) as caught, sm.transaction() as tx:
+            for i in range(5):
+                tx.delete_state(f"old{i}")
+            for i in range(4):
+                tx.register_state(f"new{i}", "slot", doc())
+        assert caught.value.maximum == 2 and caught.value.value > 2
+        assert "'new0'" in str(caught.value)
+        assert sm.search_states("slot").total == 10
+        assert [sm.store.get(f"new{i}") for i in range(4)] == [None] * 4
+        assert sm.get_state("old0")["version"] == 1
+        # Deleting down to the limit frees places again, in one batch.
+        with sm.transaction() as tx:
+            for i in range(9):
+                tx.delete_state(f"old{i}")
+        with sm.transaction() as tx:
+            tx.delete_state("old9")
+            tx.register_state("new0", "slot", doc())
+            tx.register_state("new1", "slot", doc())
+        assert sorted(s["state_id"] for s in sm.search_states("slot")) == ["new0", "new1"]
+
     def test_global_max_states_per_type(self, make: MakeApp) -> None:
         manager = StateManager()
         manager.register_type("roomy", max_states=3)

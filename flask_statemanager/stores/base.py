@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from ..definitions import DELETED, TypeDefinition
-from ..errors import StateExistsError, StateValidationError
+from ..errors import StateExistsError, StateManagerError, StateValidationError
 from ..query import Query
 from ..records import Change, State
 
@@ -147,6 +147,23 @@ class VersionMismatch(Exception):
         super().__init__(state_id, actual_version)
 
 
+class LostRace(Exception):
+    """Another writer got in the way of a batch, and no one state's version says
+    which: two inserts of one new id, a deadlock or serialization failure, or
+    a ``max_states`` count grown since the batch was planned. Nothing was
+    written; the engine plans again from a fresh read (never a
+    :class:`~flask_statemanager.errors.StateConflictError` for a state's
+    ``expected_version``).
+
+    :param error: what to raise if the retries run out (``None``: the engine's
+        "kept changing" conflict).
+    """
+
+    def __init__(self, error: StateManagerError | None = None) -> None:
+        self.error = error
+        super().__init__(error)
+
+
 class Store(ABC):
     """Persistence for states and their history."""
 
@@ -192,6 +209,8 @@ class Store(ABC):
 
         :returns: the committed writes.
         :raises VersionMismatch: a state is not at its expected version; nothing
+            was written.
+        :raises LostRace: another writer got in the way (see there); nothing
             was written.
         """
 

@@ -163,6 +163,7 @@ from ..query import Query
 from ..records import Change, State, isoformat, utcnow
 from .base import (
     ChangeRewrite,
+    LostRace,
     Plan,
     Pruned,
     Retention,
@@ -854,7 +855,7 @@ class CachedStore(Store):
         known = self._generation  # read before the commit (rule 3)
         try:
             writes = self.inner.apply(state_ids, plan)
-        except VersionMismatch:
+        except (VersionMismatch, LostRace):
             raise  # nothing was written
         except StateManagerError as exc:
             if isinstance(exc, BackendUnavailableError):

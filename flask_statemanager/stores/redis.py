@@ -142,6 +142,7 @@ from ..query import Query
 from ..records import Change, State
 from .base import (
     ChangeRewrite,
+    LostRace,
     Plan,
     Pruned,
     Retention,
@@ -769,7 +770,8 @@ class RedisStore(Store):
         *,
         remembered: Mapping[str, Remembered] | None = None,
     ) -> None:
-        """Run the commit script; raise :class:`VersionMismatch` if a state moved on.
+        """Run the commit script; raise :class:`VersionMismatch` if a state moved on,
+        :class:`LostRace` if the batch would take a type past its ``max_states``.
 
         *remembered*: optimistic, no locks are held and *rows* were decoded from
         these records of the record cache; raise :class:`_Stale` instead
@@ -834,7 +836,10 @@ class RedisStore(Store):
                 self._records.forget(ids)  # the write may or may not have landed
                 raise
             if isinstance(reply, list) and int(reply[0]) == 0:  # over a max_states
-                raise self._over_limit(writes, int(reply[1]), int(reply[2]))
+                # The engine counted the type under no lock that covers other
+                # writers: one created a state since. Plan again from a fresh
+                # count, so a bulk registration keeps the items that still fit.
+                raise LostRace(self._over_limit(writes, int(reply[1]), int(reply[2])))
             if isinstance(reply, list):  # a state is not at its expected version
                 self._records.forget(ids)
                 raise VersionMismatch(ids[int(reply[0]) - 1], int(reply[1]) or None)
@@ -882,8 +887,9 @@ class RedisStore(Store):
     def _over_limit(self, writes: Sequence[Write], number: int, count: int) -> StateLimitError:
         type_name, (limit, _, _) = list(self._limitations(writes).items())[number - 1]
         return StateLimitError(
-            f"Type {type_name!r} may hold at most {limit} states (max_states); another "
-            "writer created one meanwhile. Delete states of this type or raise the limit.",
+            f"Type {type_name!r} may hold at most {limit} states (max_states) and this batch "
+            f"would make it {count}: other writers kept creating states of the type while "
+            "it was planned. Delete states of this type or raise the limit.",
             limit="states",
             value=count,
             maximum=limit,

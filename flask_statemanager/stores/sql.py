@@ -35,6 +35,7 @@ from ..query import Condition, Query
 from ..records import CHANGE_KEYS, STATE_COLUMNS, Change, State
 from .base import (
     ChangeRewrite,
+    LostRace,
     Plan,
     Pruned,
     Retention,
@@ -525,7 +526,7 @@ class SQLStore(Store):
                             self._writing.raw = None
                         wrote = True
                         checks = []
-                        for write in writes:
+                        for write in self._ordered(writes):
                             for statement, params, counted in sql.write(write):
                                 cursor = raw.execute(statement, params)
                                 if counted:
@@ -539,17 +540,41 @@ class SQLStore(Store):
                         raw.execute("COMMIT")
                     _check(checks)
                 except self._dbapi_errors.IntegrityError as exc:
-                    # Two writers raced to insert the same new id: the loser rolls back.
+                    # Two writers raced to insert the same new id: the loser rolls
+                    # back and plans again, which finds the id taken.
                     raw.execute("ROLLBACK")
-                    raise VersionMismatch(state_ids[0], None) from exc
+                    raise LostRace() from exc
+                except self._dbapi_errors.OperationalError as exc:
+                    if getattr(exc, "sqlstate", None) not in _LOST_RACES:
+                        self._abandon(raw)
+                        raise  # the connection's trouble: see _raw
+                    # A deadlock or serialization failure: PostgreSQL rolled the
+                    # transaction back to let another writer through; plan again.
+                    raw.execute("ROLLBACK")
+                    raise LostRace() from exc
                 except BaseException:
-                    if raw.info.transaction_status if sql.postgres else raw.in_transaction:
-                        raw.execute("ROLLBACK")
+                    self._abandon(raw)
                     raise
         except _Stale as stale:
             stale.wrote = wrote
             raise
         return writes
+
+    def _abandon(self, raw: Any) -> None:
+        """Roll back the transaction open on *raw*, if any."""
+        if raw.info.transaction_status if self._sql.postgres else raw.in_transaction:
+            raw.execute("ROLLBACK")
+
+    def _ordered(self, writes: Sequence[Write]) -> Sequence[Write]:
+        """*writes* in the order to send them: on PostgreSQL sorted by state id
+        (stably, so one state's writes keep their order).
+
+        Inserting new ids waits on another transaction inserting the same ids;
+        in one order for every writer, two batches never wait on each other.
+        """
+        if not self._sql.postgres or len(writes) < 2:
+            return writes
+        return sorted(writes, key=lambda w: w.state["state_id"])
 
     def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
         check_restore(state, changes)
@@ -714,6 +739,11 @@ class _RetentionStatements:
         self.trim = f"DELETE FROM {h} WHERE state_id = {p('state_id')} AND version <= {p('cutoff')}"
         self.purge_history = f"DELETE FROM {h} WHERE {in_ids}"
         self.purge_states = f"DELETE FROM {s} WHERE {in_ids}"
+
+
+#: SQLSTATEs of a transaction PostgreSQL aborted in favour of another writer:
+#: deadlock detected, serialization failure. Running it again can succeed.
+_LOST_RACES = frozenset({"40P01", "40001"})
 
 
 class _Stale(BackendUnavailableError):
