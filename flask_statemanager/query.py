@@ -30,6 +30,8 @@ _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _MAX_SEGMENTS = 8
 _SCALARS = (str, int, float, bool, type(None))
 _RANGE_OPS = frozenset({"gt", "gte", "lt", "lte"})
+#: Record columns holding text: the only columns ``__contains`` applies to.
+_TEXT_COLUMNS = frozenset({"state_id", "name", "type", "status"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,12 @@ def _check_value(field: str, root: str, op: str, value: Any) -> Any:
         if type(value) is not bool:
             raise _invalid(field, "__exists takes True or False")
         return value
+    if op == "contains" and root in COLUMNS and root not in _TEXT_COLUMNS:
+        raise _invalid(
+            field,
+            "__contains applies to data and metadata paths and to the text columns "
+            + ", ".join(sorted(_TEXT_COLUMNS)),
+        )
     if op == "in":
         if not isinstance(value, list | tuple | set | frozenset) or not value:
             raise _invalid(field, "__in takes a non-empty list of values")

@@ -592,6 +592,55 @@ class StoreContract:
         assert self._ids(search("user", {"state_id__in": ["p1", "p9"]})) == ["p1"]
         assert self._ids(search("user", {"version__gte": 2})) == []
 
+    def test_search_paths_walk_objects_and_take_any_key(self, sm: StateManager) -> None:
+        """An all-digit segment names an object key, never an array index, and a
+        key spelled NULL is a key like any other."""
+        docs = {
+            "k1": {"tags": ["x", "y"], "items": [5, 6]},
+            "k2": {"tags": {"0": "x"}, "items": {"1": 7}},
+            "k3": {"NULL": 1},
+            "k4": {"null": None, "NULL": 2},
+        }
+        for state_id, data in docs.items():
+            sm.register_state(state_id, "user", {"data": data})
+        search = sm.search_states
+        assert self._ids(search("user", {"data.tags.0": "x"})) == ["k2"]
+        assert self._ids(search("user", {"data.tags.0__in": ["x", "y"]})) == ["k2"]
+        assert self._ids(search("user", {"data.tags.0__contains": "x"})) == ["k2"]
+        assert self._ids(search("user", {"data.tags.0__exists": True})) == ["k2"]
+        assert self._ids(search("user", {"data.tags.0__exists": False})) == ["k1", "k3", "k4"]
+        assert self._ids(search("user", {"data.tags.0__ne": "x"})) == ["k1", "k3", "k4"]
+        assert self._ids(search("user", {"data.items.1__gt": 5})) == ["k2"]
+        assert self._ids(search("user", {"data.NULL": 1})) == ["k3"]
+        assert self._ids(search("user", {"data.NULL__gte": 1})) == ["k3", "k4"]
+        assert self._ids(search("user", {"data.NULL__ne": 1})) == ["k1", "k2", "k4"]
+        assert self._ids(search("user", {"data.null__exists": True})) == ["k4"]
+        assert self._ids(search("user", {"data.null": None})) == ["k4"]
+
+    def test_search_on_record_columns(self, sm: StateManager) -> None:
+        """``__ne`` keeps rows whose column is empty (no TTL); ``__contains`` is a
+        case-sensitive substring, refused on columns that are not text."""
+        sm.register_state("c1", "user", {"name": "Alpha", "data": {}}, ttl=3600)
+        sm.register_state("c2", "user", {"name": "alpha", "data": {}})
+        search = sm.search_states
+        instant = datetime(2000, 1, 1, tzinfo=UTC)
+        assert self._ids(search("user", {"expires_at__ne": instant})) == ["c1", "c2"]
+        assert self._ids(search("user", {"expires_at__gt": instant})) == ["c1"]
+        assert self._ids(search("user", {"name__contains": "A"})) == ["c1"]
+        assert self._ids(search("user", {"name__contains": "a"})) == ["c1", "c2"]
+        assert self._ids(search("user", {"name__contains": "LPH"})) == []
+        assert self._ids(search("user", {"name__contains": "%"})) == []
+        assert self._ids(search("user", {"state_id__contains": "2"})) == ["c2"]
+        for field, value in [
+            ("version__contains", 1),
+            ("created_at__contains", instant),
+            ("updated_at__contains", instant),
+            ("expires_at__contains", instant),
+        ]:
+            with pytest.raises(StateValidationError) as info:
+                search("user", {field: value})
+            assert "__contains applies to" in str(info.value)
+
     def test_search_paging_and_order(self, sm: StateManager) -> None:
         for i in range(7):
             sm.register_state(f"s{i}", "user", user(i=i))

@@ -258,13 +258,20 @@ class SQLStore(Store):
         if c.is_json:
             return self._json.condition(c)
         column: ColumnElement[Any] = self.states.c[c.root]
-        if c.op in ("eq", "ne"):
-            equal: ColumnElement[bool] = column.__eq__(c.value)
-            return equal if c.op == "eq" else sa.not_(equal)
+        if c.op == "eq":
+            equal: ColumnElement[bool] = column == c.value
+            return equal
+        if c.op == "ne":
+            # expires_at is NULL for states without a TTL: they differ from any instant.
+            return column.is_distinct_from(c.value)
         if c.op == "in":
             return column.in_(list(c.value))
         if c.op == "contains":
-            return column.contains(c.value, autoescape=True)
+            # A case-sensitive substring on text columns (query.py refuses the
+            # others); SQLite's LIKE would ignore ASCII case.
+            find = sa.func.strpos if self.dialect == "postgresql" else sa.func.instr
+            found: ColumnElement[bool] = find(column, c.value) > 0
+            return found
         return compare(column, c.op, c.value)
 
     def scan(self, state_type: str | None = None, batch_size: int = 500) -> Iterator[list[State]]:

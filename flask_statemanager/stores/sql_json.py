@@ -31,15 +31,52 @@ class JSONDialect(ABC):
 
 
 class PostgresJSON(JSONDialect):
-    """``data #> '{a,b}'`` is a jsonb value; jsonb equality is already type-aware."""
+    """``data #> '{"a","b"}'`` is a jsonb value; jsonb equality is already type-aware.
+
+    ``#>`` reads an all-digit path element as an index when it meets an array,
+    where the reference (and SQLite's ``json_extract`` with quoted keys) only
+    walks objects: a path with such an element also needs its parent to be an
+    object. The guard sits beside the indexed expression, so a declared index
+    still serves the comparison.
+    """
+
+    def _literal(self, path: tuple[str, ...]) -> str:
+        # Quoted elements: unquoted, an element spelled NULL is a null, not a key.
+        quoted = ('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in path)
+        return "'{" + ",".join(quoted) + "}'"
 
     def value(self, column: str, path: tuple[str, ...]) -> ColumnElement[Any]:
-        return sa.literal_column(f"({column} #> '{{{','.join(path)}}}')", type_=JSONB)
+        return sa.literal_column(f"({column} #> {self._literal(path)})", type_=JSONB)
+
+    def _text(self, column: str, path: tuple[str, ...]) -> ColumnElement[Any]:
+        return sa.literal_column(f"({column} #>> {self._literal(path)})", type_=sa.Text)
+
+    def _objects(self, column: str, path: tuple[str, ...]) -> ColumnElement[bool] | None:
+        """True when every parent of an all-digit element is an object (None: no such element)."""
+        checks = [
+            sa.func.jsonb_typeof(self.value(column, path[:i]) if i else sa.literal_column(column))
+            == "object"
+            for i, part in enumerate(path)
+            if part.isdigit()
+        ]
+        return sa.and_(*checks) if checks else None
 
     def _typeof(self, expr: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.jsonb_typeof(expr)
 
     def condition(self, c: Condition) -> ColumnElement[bool]:
+        column = column_name(c.root)
+        found = self._found(c)
+        objects = self._objects(column, c.path)
+        if objects is None:
+            return found
+        if c.op == "ne" or (c.op == "exists" and not c.value):
+            # Holds for a path that is not there, which includes one through an array.
+            return sa.or_(found, sa.not_(sa.func.coalesce(objects, False)))
+        return sa.and_(objects, found)
+
+    def _found(self, c: Condition) -> ColumnElement[bool]:
+        """The condition on the value ``#>`` reads (which may come through an array)."""
         expr = self.value(column_name(c.root), c.path)
         op, value = c.op, c.value
         if op == "exists":
@@ -57,9 +94,7 @@ class PostgresJSON(JSONDialect):
             )
             if not isinstance(value, str):
                 return in_array
-            text = sa.literal_column(
-                f"({column_name(c.root)} #>> '{{{','.join(c.path)}}}')", type_=sa.Text
-            )
+            text = self._text(column_name(c.root), c.path)
             return sa.or_(
                 in_array,
                 sa.and_(self._typeof(expr) == "string", sa.func.strpos(text, value) > 0),
