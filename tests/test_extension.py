@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -11,6 +12,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_statemanager import ConfigurationError, StateManager, StateType
+from flask_statemanager.stores.sql_tables import index_name
 
 from .conftest import make_app
 
@@ -233,3 +235,50 @@ def test_an_app_dropped_without_reset_releases_its_connections(
     del app
     gc.collect()
     assert engine.pool.checkedin() == 0  # the engine was disposed with the app
+
+
+@pytest.mark.parametrize(
+    ("field", "data"),
+    [
+        ("data.status", {"status": "s1"}),
+        ("data.tags.0", {"tags": {"0": "s1"}}),
+        ("data.NULL", {"NULL": "s1"}),
+    ],
+)
+def test_declared_index_is_used_by_postgresql_search(
+    tmp_path: Path, postgres_url: str, field: str, data: dict[str, Any]
+) -> None:
+    """The search SQL repeats the declared index's expression, also for paths whose
+    segments are all digits (guarded to walk objects) or spelled NULL (quoted)."""
+    prefix = "searchplan_"
+    app = make_app(
+        tmp_path, STATEMANAGER_DATABASE_URI=postgres_url, STATEMANAGER_TABLE_PREFIX=prefix
+    )
+    manager = StateManager()
+    manager.register_type("user", indexes=[field])
+    manager.init_app(app)
+    with app.app_context():
+        engine = manager.store.engine  # type: ignore[attr-defined]
+        with engine.begin() as conn:  # a fresh schema: no index left by an earlier run
+            for table in ("history", "states", "alembic_version"):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {prefix}{table} CASCADE")
+        manager.create_all()
+        manager.register_state("hit", "user", {"data": data})
+        manager.register_state("miss", "user", {"data": {"tags": ["s1"], "status": "s2"}})
+        statements: list[tuple[str, Any]] = []
+
+        def capture(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+            if "ORDER BY" in statement:
+                statements.append((statement, params))
+
+        sa.event.listen(engine, "before_cursor_execute", capture)
+        try:
+            page = manager.search_states("user", {field: "s1"}, order_by="state_id")
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", capture)
+        assert [s["state_id"] for s in page] == ["hit"]
+        (statement, params), *_ = statements
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = " ".join(str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
+    assert index_name(prefix, field) in plan

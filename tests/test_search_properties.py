@@ -30,7 +30,17 @@ SCALARS = st.one_of(
     st.sampled_from([0.5, 1.0, 2.5, -1.5]),
     st.text(alphabet="abc", max_size=3),
 )
-FIELDS = ["data.a", "data.b", "data.n.x", "metadata.m"]
+# All-digit segments name object keys (never array indexes); NULL is a key like any other.
+FIELDS = [
+    "data.a",
+    "data.b",
+    "data.n.x",
+    "metadata.m",
+    "data.t.0",
+    "data.t.1",
+    "data.NULL",
+    "data.null",
+]
 
 
 def _documents() -> list[dict[str, Any]]:
@@ -46,6 +56,17 @@ def _documents() -> list[dict[str, Any]]:
         doc: dict[str, Any] = {k: value() for k in ("a", "b") if rng.random() < 0.8}
         if rng.random() < 0.5:
             doc["n"] = {"x": value()} if rng.random() < 0.7 else value()
+        if rng.random() < 0.5:
+            t = rng.random()
+            doc["t"] = (
+                {"0": value(), "1": value()}
+                if t < 0.4
+                else [value(), value()]
+                if t < 0.8
+                else value()
+            )
+        if rng.random() < 0.3:
+            doc[rng.choice(["NULL", "null"])] = value()
         corpus.append(doc)
     # Hand-picked edge cases alongside the generated ones.
     corpus += [
@@ -60,6 +81,10 @@ def _documents() -> list[dict[str, Any]]:
         {"b": [True, None]},
         {"n": {"x": 2}},
         {"n": 2},
+        {"t": ["a", 1]},
+        {"t": {"0": "a", "1": 1}},
+        {"t": [[1], {"0": 1}]},
+        {"NULL": 1, "null": None},
         {},
     ]
     return corpus
@@ -77,7 +102,7 @@ def loaded(
         config = {"STATEMANAGER_DATABASE_URI": request.getfixturevalue("postgres_url")}
     StateManager.reset_instance()
     manager = StateManager()
-    manager.register_type("doc", indexes=["data.a"])
+    manager.register_type("doc", indexes=["data.a", "data.t.0", "data.NULL"])
     app = make_app(tmp, **config)
     manager.init_app(app)
     records = []
