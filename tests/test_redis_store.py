@@ -402,7 +402,9 @@ def test_a_resent_commit_is_recognised(sm: StateManager, store: RedisStore) -> N
         return [write]
 
     writes = store.apply(["u1"], plan)
-    store._commit(["u1"], seen, writes, "another token")  # as a resent EVALSHA would
+    store._commit(
+        ["u1"], seen, writes, "another token", read={"u1": None}
+    )  # as a resent EVALSHA would
     assert [c["version"] for c in sm.get_state_history("u1")] == [1, 2]
     assert sm.get_state("u1", include_expired=True)["version"] == 2
 
