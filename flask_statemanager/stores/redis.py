@@ -45,10 +45,15 @@ Shared keys index the live states (status neither deleted nor expired):
     included, for maintenance walks (``flask states verify``).
 ``<prefix>:indexes``
     hash: type → its declared fields as JSON, ``{"data.status": true}``,
-    ``false`` while the index of a newly declared field is being built.
+    ``false`` while the index of a newly declared field is being built (writes
+    meanwhile add their members to it whether or not they changed, since the
+    build skips states that moved on). A field no longer declared keeps its
+    index, as SQL indexes stay; :meth:`RedisStore.setup` deletes the index and
+    definition of a field a type now encrypts (its members are plain text).
 ``<prefix>:log``
     list: ``<id> <version> <change id>`` per committed change, in commit order, capped at
-    the 10 000 newest (``get_recent_changes`` reads at most that many).
+    the 10 000 newest (``get_recent_changes`` reads at most that many, walking
+    back past pruned and purged changes and listing each change once).
 
 **Writes**
 
@@ -74,7 +79,9 @@ compare-and-sets: with plain optimistic retries, four processes incrementing
 one counter lose increments once the retries run out. Then the engine plans,
 and the commit script runs as above and releases the locks: two round trips.
 The compare-and-set stays the safety net when a lock expired under a slow
-writer, and makes a call resent after a lost reply recognise its own commit.
+writer — it compares the versions and, byte for byte, the documents read
+under the lock, since the version can come back on a new life of the state —
+and makes a call resent after a lost reply recognise its own commit.
 
 **Search**
 
