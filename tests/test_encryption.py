@@ -350,6 +350,44 @@ class TestRedisStoreEncryption(PersistentEncryptionContract):
         return _redis_raw(app.config["STATEMANAGER_REDIS_URL"])
 
 
+def test_a_field_indexed_then_encrypted_leaves_no_plaintext_in_redis(
+    tmp_path: Path, clean_redis: str
+) -> None:
+    """The Redis store drops the index of a field a type now encrypts (it held the
+    values in plain text) and never indexes the field again."""
+    manager = StateManager()
+    manager.register_type("patient", indexes=["data.ssn", "data.ward"])
+    app = make_app(tmp_path, STATEMANAGER_STORE="redis", STATEMANAGER_REDIS_URL=clean_redis)
+    manager.init_app(app)
+    with app.app_context():
+        manager.create_all()
+        manager.register_state("p1", "patient", patient(ssn=SSN, ward="a"))
+    assert SSN in _redis_raw(clean_redis)
+    # The next deployment encrypts the field, so no longer indexes it.
+    StateManager.reset_instance()
+    manager = StateManager()
+    manager.register_type("patient", indexes=["data.ward"], encrypted_fields=["data.ssn"])
+    later = make_app(
+        tmp_path / "later",
+        STATEMANAGER_STORE="redis",
+        STATEMANAGER_REDIS_URL=clean_redis,
+        STATEMANAGER_ENCRYPTION_KEYS=[KEY_A],
+    )
+    manager.init_app(later)
+    with later.app_context():
+        manager.create_all()
+        _, run, _ = manager.rotate_encryption_keys()
+        list(run)
+        manager.update_state("p1", patient(ssn="1120-new", ward="b"))
+        assert manager.get_state("p1")["data"] == {"ssn": "1120-new", "ward": "b"}
+        assert [s["state_id"] for s in manager.search_states("patient", {"data.ward": "b"})] == [
+            "p1"
+        ]
+    raw = _redis_raw(clean_redis)
+    assert not [secret for secret in SECRETS if secret in raw]
+    assert "index:patient:data.ssn" not in raw
+
+
 # -- configuration --------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from flask_statemanager import BackendUnavailableError, StateManager
 from flask_statemanager.audit import seal
 from flask_statemanager.query import COLUMNS, matches, parse_conditions
 from flask_statemanager.records import Change, State
-from flask_statemanager.stores.base import Write
+from flask_statemanager.stores.base import Retention, Write
 from flask_statemanager.stores.redis import RedisStore
 
 from . import workers
@@ -402,7 +402,9 @@ def test_a_resent_commit_is_recognised(sm: StateManager, store: RedisStore) -> N
         return [write]
 
     writes = store.apply(["u1"], plan)
-    store._commit(["u1"], seen, writes, "another token")  # as a resent EVALSHA would
+    store._commit(
+        ["u1"], seen, writes, "another token", read={"u1": None}
+    )  # as a resent EVALSHA would
     assert [c["version"] for c in sm.get_state_history("u1")] == [1, 2]
     assert sm.get_state("u1", include_expired=True)["version"] == 2
 
@@ -456,6 +458,148 @@ def test_an_expired_lock_falls_back_on_compare_and_set(
 def _update_in_app(app: Flask, sm: StateManager) -> None:
     with app.app_context():
         sm.update_state("u1", user(n=100))
+
+
+def test_a_writer_that_outlived_its_lock_does_not_write_over_a_new_life(
+    sm: StateManager, app: Flask, client: redis.Redis
+) -> None:
+    """The state was restored and written again meanwhile: its version came back to
+    the one the slow writer read, its document did not. The writer plans again."""
+    store = _swap_store(app, record_cache_size=0)  # every write takes the locks first
+    sm.register_state("u1", "user", user(n=1))
+    snapshot, snapshot_history = store.get("u1"), store.history("u1")
+    assert snapshot is not None
+    sm.update_state("u1", user(n=2))
+    attempts: list[int] = []
+
+    def new_life() -> None:
+        with app.app_context():
+            store.restore(snapshot, snapshot_history, replace=True)  # back to version 1
+            sm.update_state("u1", user(n=100))  # version 2 again
+
+    def slow(data: dict[str, Any]) -> dict[str, Any]:
+        attempts.append(data["n"])
+        if len(attempts) == 1:
+            client.delete("statemanager:lock:{u1}")  # as if it had expired
+            other = threading.Thread(target=new_life)
+            other.start()
+            other.join()
+        return {"n": data["n"] + 10}
+
+    state = sm.atomic_update("u1", slow)
+    assert attempts == [2, 100]
+    assert state["data"] == {"n": 110} and state["version"] == 3
+    assert [c["new_data"] for c in sm.get_state_history("u1")] == [
+        {"n": 1},
+        {"n": 100},
+        state["data"],
+    ]
+    assert list(sm.verify_history("u1")) == ["u1"]
+
+
+def test_a_restore_over_a_state_given_a_new_life_meanwhile_reads_it_again(
+    sm: StateManager,
+    app: Flask,
+    store: RedisStore,
+    client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another process restored and wrote the state between this restore's read and
+    its script, leaving the same history length: the restore plans again, so no index
+    keeps a member of the document it did not read."""
+    sm.register_state("u1", "user", {"data": {"status": "a"}})
+    snapshot, snapshot_history = store.get("u1"), store.history("u1")
+    assert snapshot is not None
+    sm.update_state("u1", {"data": {"status": "b"}})
+    other = workers.make_app(_redis_config(app), str(tmp_path / "other"))
+    plan = store._index_operations
+    interfered: list[bool] = []
+
+    def interfere(*args: Any, **kwargs: Any) -> Any:
+        if not interfered:
+            interfered.append(True)
+            with other.app_context():
+                elsewhere = StateManager()
+                elsewhere.store.restore(snapshot, snapshot_history, replace=True)
+                elsewhere.update_state("u1", {"data": {"status": "c"}})  # version 2 again
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_index_operations", interfere)
+    store.restore(snapshot, snapshot_history, replace=True)
+    assert interfered
+    assert sm.get_state("u1")["data"] == {"status": "a"}
+    assert client.zrange("statemanager:index:user:data.status", 0, -1) == [b"sa\x00u1"]
+    assert [s["state_id"] for s in sm.search_states("user", {"data.status": "a"})] == ["u1"]
+    assert list(sm.verify_history("u1")) == ["u1"]
+
+
+def test_a_state_written_while_its_new_index_is_built_is_in_it(
+    sm: StateManager,
+    app: Flask,
+    store: RedisStore,
+    client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write between the backfill's read and its script changes a state's version
+    (so the backfill skips it) but not its member: the write adds the member itself."""
+    for i in range(3):
+        sm.register_state(f"s{i}", "user", {"data": {"status": "a", "k": "blue", "n": 0}})
+    other = make_app(
+        tmp_path / "other",
+        STATEMANAGER_STORE="redis",
+        STATEMANAGER_REDIS_URL=app.config["STATEMANAGER_REDIS_URL"],
+    )
+    StateManager().init_app(other)
+    StateManager().register_type("user", indexes=["data.status", "data.age", "data.k"])
+    builder = other.extensions["statemanager"].store
+    run = builder._run
+    written: list[bool] = []
+
+    def during_backfill(script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if script == "backfill" and not written:
+            written.append(True)
+            with app.app_context():  # this app still plans without data.k
+                sm.update_state("s1", {"data": {"status": "a", "k": "blue", "n": 1}})
+        return run(script, keys, args)
+
+    monkeypatch.setattr(builder, "_run", during_backfill)
+    with other.app_context():
+        StateManager().create_all()
+    assert written
+    assert orjson.loads(client.hget("statemanager:indexes", "user") or b"{}")["data.k"] is True
+    found = sm.search_states("user", {"data.k": "blue"})
+    assert sorted(s["state_id"] for s in found) == ["s0", "s1", "s2"]
+
+
+def _recent(sm: StateManager, limit: int) -> list[tuple[str, int]]:
+    return [(c["state_id"], c["version"]) for c in sm.get_recent_changes(limit=limit)]
+
+
+def test_recent_changes_list_a_restored_change_once(sm: StateManager, store: RedisStore) -> None:
+    sm.register_state("a", "user", user(n=1))
+    sm.update_state("a", user(n=2))
+    state, history = store.get("a"), store.history("a")
+    assert state is not None
+    store.restore(state, history, replace=True)  # the same changes, logged again
+    assert _recent(sm, 10) == [("a", 2), ("a", 1)]
+
+
+def test_recent_changes_fill_their_limit_past_purged_states(
+    sm: StateManager, store: RedisStore
+) -> None:
+    sm.register_state("keep", "user", user(n=0))
+    for n in range(1, 5):
+        sm.update_state("keep", user(n=n))
+    sm.register_state("gone", "user", user(n=0))
+    for n in range(1, 6):
+        sm.update_state("gone", user(n=n))
+    sm.delete_state("gone")  # the newest 7 log entries are the gone state's
+    list(store.prune("user", Retention(purge_before=datetime.now(UTC) + timedelta(seconds=1))))
+    assert store.get("gone") is None
+    assert _recent(sm, 3) == [("keep", 5), ("keep", 4), ("keep", 3)]
+    assert _recent(sm, 10) == [("keep", v) for v in range(5, 0, -1)]
 
 
 # -- one round trip from the record cache ---------------------------------------------

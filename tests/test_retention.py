@@ -542,7 +542,9 @@ class TestRedisRetention(RetentionContract):
             return [write]
 
         writes = store.apply(["n1"], plan)
-        store._commit(["n1"], seen, writes, "another token")  # as a resent EVALSHA would
+        store._commit(
+            ["n1"], seen, writes, "another token", read={"n1": None}
+        )  # as a resent EVALSHA would
         assert versions(sm, "n1") == [4, 5, 6, 7]
         assert list(sm.verify_history("n1")) == ["n1"]  # pruned: anchored at version 4
 

@@ -45,10 +45,15 @@ Shared keys index the live states (status neither deleted nor expired):
     included, for maintenance walks (``flask states verify``).
 ``<prefix>:indexes``
     hash: type → its declared fields as JSON, ``{"data.status": true}``,
-    ``false`` while the index of a newly declared field is being built.
+    ``false`` while the index of a newly declared field is being built (writes
+    meanwhile add their members to it whether or not they changed, since the
+    build skips states that moved on). A field no longer declared keeps its
+    index, as SQL indexes stay; :meth:`RedisStore.setup` deletes the index and
+    definition of a field a type now encrypts (its members are plain text).
 ``<prefix>:log``
     list: ``<id> <version> <change id>`` per committed change, in commit order, capped at
-    the 10 000 newest (``get_recent_changes`` reads at most that many).
+    the 10 000 newest (``get_recent_changes`` reads at most that many, walking
+    back past pruned and purged changes and listing each change once).
 
 **Writes**
 
@@ -74,7 +79,9 @@ compare-and-sets: with plain optimistic retries, four processes incrementing
 one counter lose increments once the retries run out. Then the engine plans,
 and the commit script runs as above and releases the locks: two round trips.
 The compare-and-set stays the safety net when a lock expired under a slow
-writer, and makes a call resent after a lost reply recognise its own commit.
+writer — it compares the versions and, byte for byte, the documents read
+under the lock, since the version can come back on a new life of the state —
+and makes a call resent after a lost reply recognise its own commit.
 
 **Search**
 
@@ -253,6 +260,8 @@ class RedisStore(Store):
         #: The last document of each state this process read or committed.
         self._records = RecordCache(record_cache_size)
         self._layouts: dict[tuple[str, str | None], _Layout] = {}
+        #: Per type, the fields it stores encrypted (as of :meth:`setup`): never indexed.
+        self._encrypted: dict[str, frozenset[str]] = {}
 
     # -- keys -------------------------------------------------------------------
 
@@ -330,15 +339,47 @@ class RedisStore(Store):
         A field declared for the first time is indexed from then on by every
         write (in every process: writes check the definitions they planned
         with), and the states already stored are added to its index before
-        searches use it. Fields are never dropped, as SQL indexes are not.
+        searches use it. A field no longer declared keeps its index, as SQL
+        indexes stay — except a field the type now stores encrypted: its index
+        (which holds the values in plain text) and its definition are deleted,
+        and no write indexes it again.
         """
         with self._redis():
             for script in self._scripts.values():
                 self.client.script_load(script.script)
+        types = list(types)
+        self._encrypted = {t.name: frozenset(t.encrypted_fields) for t in types}
+        self._layouts.clear()
         for definition in types:
+            if definition.encrypted_fields:
+                self._drop_encrypted(definition.name, frozenset(definition.encrypted_fields))
             if definition.indexes:
                 self._declare(definition.name, definition.indexes)
         self._definitions = None
+
+    def _drop_encrypted(self, type_name: str, encrypted: frozenset[str]) -> None:
+        """Delete the indexes (and their definitions) of fields *type_name* encrypts."""
+        for _ in range(100):
+            with self._redis():
+                raw = self.client.hget(self._definitions_key, type_name)
+            stored = to_text(raw) if raw is not None else ""
+            current: dict[str, bool] = codec.loads(stored) if stored else {}
+            doomed = sorted(f for f in current if f in encrypted)
+            if not doomed:
+                return
+            kept = {f: built for f, built in current.items() if f not in encrypted}
+            # The definition first: a writer still planning with the field is
+            # sent back to plan again (see commit.lua) before the index goes.
+            pending = definition_json(kept) if kept else ""
+            if self._run("define", [self._definitions_key], [type_name, stored, pending]):
+                with self._redis():
+                    self.client.delete(*(self.index_key(type_name, f) for f in doomed))
+                return
+        raise BackendUnavailableError(
+            f"The indexes of type {type_name!r} kept changing while being dropped; run "
+            "create_all (flask states init-db) again.",
+            backend="redis",
+        )
 
     def _declare(self, type_name: str, fields: Sequence[str]) -> None:
         for _ in range(100):
@@ -606,12 +647,12 @@ class RedisStore(Store):
                 return writes
             self._records.forget(ids)
         token = uuid.uuid4().hex
-        rows, heads = self._lock_and_read(ids, token)
+        rows, heads, read = self._lock_and_read(ids, token)
         released = False
         try:
             writes = plan({i: rows[i] for i in state_ids}, {i: heads[i] for i in state_ids})
             if writes:
-                self._commit(ids, rows, writes, token)
+                self._commit(ids, rows, writes, token, read=read)
                 released = True  # the commit script released the locks
             return writes
         finally:
@@ -694,7 +735,7 @@ class RedisStore(Store):
                 [length, replace, tombstone_ms, _LOG_LENGTH, checks, operations, entries]
             )
             try:
-                reply = self._run("restore", keys.names, [control, *documents])
+                reply = self._run("restore", keys.names, [control, raw or b"", *documents])
             finally:
                 self._records.forget((state_id,))
             if reply == 1:
@@ -714,10 +755,12 @@ class RedisStore(Store):
 
     def _lock_and_read(
         self, ids: Sequence[str], token: str
-    ) -> tuple[dict[str, State | None], dict[str, str | None]]:
+    ) -> tuple[dict[str, State | None], dict[str, str | None], dict[str, bytes | None]]:
         """Lock every state in *ids* (waiting for other writers) and read them.
 
-        Returns the rows and the hash of each state's newest history entry.
+        Returns the rows, the hash of each state's newest history entry, and
+        each stored document as read (``None`` for none), which the commit
+        compares byte for byte.
         """
         keys = (
             [self.lock_key(i) for i in ids]
@@ -742,8 +785,10 @@ class RedisStore(Store):
             pause = min(pause * 2, 0.004)
         rows: dict[str, State | None] = {}
         heads: dict[str, str | None] = {}
+        read: dict[str, bytes | None] = {}
         for n, state_id in enumerate(ids):
             raw, version, last = reply[1 + 3 * n : 4 + 3 * n]
+            read[state_id] = raw
             change = decode_change(last) if last is not None else None
             heads[state_id] = change.get("hash") if change is not None else None
             if raw is not None:
@@ -753,7 +798,7 @@ class RedisStore(Store):
                 rows[state_id] = dropped_tombstone(state_id, int(version), change)
             else:
                 rows[state_id] = None
-        return rows, heads
+        return rows, heads, read
 
     def _unlock(self, ids: Sequence[str], token: str) -> None:
         try:
@@ -768,15 +813,20 @@ class RedisStore(Store):
         writes: Sequence[Write],
         token: str,
         *,
+        read: Mapping[str, bytes | str | None] | None = None,
         remembered: Mapping[str, Remembered] | None = None,
     ) -> None:
         """Run the commit script; raise :class:`VersionMismatch` if a state moved on,
         :class:`LostRace` if the batch would take a type past its ``max_states``.
 
-        *remembered*: optimistic, no locks are held and *rows* were decoded from
-        these records of the record cache; raise :class:`_Stale` instead
-        (nothing written) unless every stored document is still the remembered
-        one and no other writer holds a state.
+        *read*: the locks are held and these are the documents *rows* were
+        decoded from; raise :class:`VersionMismatch` (nothing written) unless
+        every stored document is still, byte for byte, the one read — a writer
+        that outlived its lock may find the same version on a new life of the
+        state. *remembered*: optimistic, no locks are held and *rows* were
+        decoded from these records of the record cache; raise :class:`_Stale`
+        instead (nothing written) unless every stored document is still the
+        remembered one and no other writer holds a state.
         """
         optimistic = remembered is not None
         numbers = {state_id: n for n, state_id in enumerate(ids, 1)}
@@ -799,6 +849,10 @@ class RedisStore(Store):
         ]
         if remembered is not None:
             args += [remembered[state_id].document for state_id in ids]
+        elif read is not None:
+            args += [read[state_id] or b"" for state_id in ids]
+        else:
+            raise ValueError("A commit needs the documents its plan was read from.")
         fixed: list[str] = []
         for state_id in ids:
             fixed += (
@@ -925,6 +979,10 @@ class RedisStore(Store):
                 before = self._entries(old, definitions)
             after = self._entries(new, definitions)
             members[state_id] = Members(definitions, after)
+            # An index still being built may lack the member *before* names (the
+            # backfill skips states that move on meanwhile): add it again anyway.
+            declared = definitions.get(new["type"])
+            building = self._layout(new["type"], declared).building if declared else ()
             if before:
                 checked.add(old["type"])  # type: ignore[index]
             if after:
@@ -933,7 +991,7 @@ class RedisStore(Store):
                 if (key, member) not in after:
                     removals += ["zrem", keys.add(key), 0, member]
             for (key, member), score in after.items():
-                if before.get((key, member)) != score:
+                if before.get((key, member)) != score or key in building:
                     additions += ["zadd", keys.add(key), score, member]
             if after and (not before or old["type"] != new["type"]):  # type: ignore[index]
                 additions += ["sadd", keys.add(self._types_key), 0, new["type"]]
@@ -974,11 +1032,16 @@ class RedisStore(Store):
         """The keys a live state of *type_name* is a member of, under *declared* fields."""
         layout = self._layouts.get((type_name, declared))
         if layout is None:
-            fields = declared_fields(declared) if declared else ()
+            built = codec.loads(declared) if declared else {}
+            encrypted = self._encrypted.get(type_name, frozenset())
+            fields = (
+                [f for f in declared_fields(declared) if f not in encrypted] if declared else []
+            )
             layout = self._layouts[(type_name, declared)] = _Layout(
                 self.type_key(type_name),
                 self.expiry_key(type_name),
                 tuple((f, self.index_key(type_name, f)) for f in fields),
+                frozenset(self.index_key(type_name, f) for f in fields if not built[f]),
             )
         return layout
 
@@ -1079,6 +1142,8 @@ class _Layout(NamedTuple):
     expiry: str
     #: (declared field, its index key), in field order.
     indexes: tuple[tuple[str, str], ...]
+    #: The index keys of fields whose index is still being built.
+    building: frozenset[str]
 
 
 class _Stale(Exception):

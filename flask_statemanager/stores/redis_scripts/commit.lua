@@ -32,8 +32,10 @@
 --         limits (max_states): per limited type, its sorted set's key number,
 --           the most live states it may hold, the ids this batch leaves live
 --           in it, and the other ids the batch writes;
---       then per write: state document, change document; then, when
---       optimistic, per state: the document it was planned from
+--       then per write: state document, change document; then per state:
+--       the document it was planned from ('' for none: absent, or a tombstone
+--       Redis dropped) — remembered when optimistic, read under the lock
+--       otherwise
 --
 -- Returns a number (a reply the client parses fastest): 1 committed; 2 a
 -- retried call found its batch committed; -1 the index definitions changed
@@ -127,6 +129,16 @@ else
       return {s, current}
     end
     versions[s] = expected + 1
+  end
+  -- And its document is still, byte for byte, the one read under the lock:
+  -- a writer slower than its lock can find the same version on a new life of
+  -- the state (purged and registered again, or restored), which it must not
+  -- write over.
+  for s = 1, n_states do
+    if (redis.call('GET', KEYS[4 * s - 3]) or '') ~= ARGV[1 + 2 * n_writes + s] then
+      release()
+      return {s, version_of(s)}
+    end
   end
 end
 

@@ -16,7 +16,10 @@
 --           log length, definition checks (per check type, its definition as
 --           planned), index operations (per operation 'zadd' | 'zrem' |
 --           'sadd', key number, score, member), change log entries;
---       2: the state document; 3 and on: the change documents, oldest first
+--       2: the state document the caller read ('' for none), compared byte
+--       for byte: a history of the same length can belong to a new life of
+--       the state (purged and registered again, or restored meanwhile);
+--       3: the state document; 4 and on: the change documents, oldest first
 --
 -- Returns 1 restored; 0 the id is stored and replace is false; -1 the index
 -- definitions changed since the caller planned; -2 the state changed since
@@ -41,7 +44,7 @@ for c = 1, #checks, 2 do
   end
 end
 local length = redis.call('LLEN', KEYS[2])
-if length ~= expected then
+if length ~= expected or (redis.call('GET', KEYS[1]) or '') ~= ARGV[2] then
   return -2
 end
 if not replace and (length > 0 or redis.call('EXISTS', KEYS[1]) == 1) then
@@ -49,11 +52,11 @@ if not replace and (length > 0 or redis.call('EXISTS', KEYS[1]) == 1) then
 end
 
 redis.call('DEL', KEYS[2], KEYS[6])
-redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[3])
 if tombstone_ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], tombstone_ttl)
 end
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   redis.call('RPUSH', KEYS[2], ARGV[i])
 end
 local logged = 0
