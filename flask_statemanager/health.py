@@ -61,6 +61,9 @@ _QUOTED_NAME_RE = re.compile(
 #: is masked in ``user postgres`` but not in ``postgresql``, nor ``prod`` in ``prod-eu``.
 _NAME_EDGE = r"[\w.\-]"
 
+#: Words the reports themselves use (store kinds and components), never masked.
+_OWN_WORDS = frozenset({"memory", "sql", "sqlite", "postgresql", "redis", "cache", "database"})
+
 health = Blueprint("statemanager_health", __name__)
 
 
@@ -249,8 +252,13 @@ def known_names(runtime: Runtime) -> list[str]:
         if pool is not None:
             kwargs = pool.connection_kwargs
             found += [str(kwargs.get("host") or ""), str(kwargs.get("username") or "")]
-    # A SQLite database is a file path; Redis databases are numbers: neither is a name.
-    return [name for name in found if name and "/" not in name and not name.isdigit()]
+    # A SQLite database is a file path, Redis databases are numbers, and a host
+    # named like its service (``redis``) is the report's own word: none is a name.
+    return [
+        name
+        for name in found
+        if name and "/" not in name and not name.isdigit() and name not in _OWN_WORDS
+    ]
 
 
 def _config_urls(runtime: Runtime) -> list[SplitResult]:

@@ -259,36 +259,44 @@ def test_redact_masks_names_in_messages_only_as_whole_words() -> None:
     }
 
 
-def _unreachable_urls(postgres_url: str) -> list[tuple[str, list[str], str]]:
-    """Database URLs whose connection fails with a driver message naming a host, role
-    or database: (URL, the names that must not leak, what the message must still say)."""
+def _unreachable(postgres_url: str, case: str) -> tuple[dict[str, Any], list[str], str]:
+    """Store config whose connection fails with a driver message naming a host, role
+    or database: (config, the names that must not leak, what the message must still say)."""
     server = urlsplit(postgres_url)
     at = f"{server.hostname}:{server.port}"
-    return [
-        (
-            f"postgresql://admin:{PASSWORD}@dbprimary:5432/proddb",
+    return {
+        "host": (
+            {"STATEMANAGER_DATABASE_URI": f"postgresql://admin:{PASSWORD}@dbprimary:5432/proddb"},
             ["dbprimary", "admin", "proddb"],
             "failed to resolve host",
         ),
-        (
-            f"postgresql://admin_nobody:{PASSWORD}@{at}/proddb",
+        "role": (
+            {"STATEMANAGER_DATABASE_URI": f"postgresql://admin_nobody:{PASSWORD}@{at}/proddb"},
             ["admin_nobody", "proddb"],
             "does not exist",
         ),
-        (
-            f"postgresql://{server.username}@{at}/nosuchdb_health",
-            ["nosuchdb_health"],
+        "database": (
+            {"STATEMANAGER_DATABASE_URI": f"postgresql://{server.username}@{at}/nosuchdb_hc"},
+            ["nosuchdb_hc"],
             "does not exist",
         ),
-    ]
+        "redis host": (
+            {
+                "STATEMANAGER_STORE": "redis",
+                "STATEMANAGER_REDIS_URL": f"redis://cacheuser:{PASSWORD}@cachehost:6379/0",
+            },
+            ["cachehost", "cacheuser"],
+            "Redis is unavailable",
+        ),
+    }[case]
 
 
-@pytest.mark.parametrize("case", [0, 1, 2], ids=["host", "role", "database"])
-def test_unreachable_database_names_no_host_role_or_database(
-    tmp_path: Path, postgres_url: str, case: int
+@pytest.mark.parametrize("case", ["host", "role", "database", "redis host"])
+def test_unreachable_store_names_no_host_role_or_database(
+    tmp_path: Path, postgres_url: str, case: str
 ) -> None:
-    url, names, says = _unreachable_urls(postgres_url)[case]
-    app = _app(tmp_path, STATEMANAGER_DATABASE_URI=url, STATEMANAGER_CONNECT_TIMEOUT=2)
+    config, names, says = _unreachable(postgres_url, case)
+    app = _app(tmp_path, STATEMANAGER_CONNECT_TIMEOUT=2, **config)
     client = app.test_client()
     for path, accept in [
         ("/health", "application/json"),
