@@ -26,6 +26,7 @@ from flask_statemanager import (
     StateValidationError,
 )
 from flask_statemanager.audit import BrokenLink
+from flask_statemanager.health import known_names, known_secrets, redact
 
 from . import CartItemSchema, state_manager
 
@@ -277,7 +278,13 @@ def verify_state(state_id: str) -> Response:
 
 
 def _error(code: int, exc: Exception, **extra: Any) -> tuple[Response, int]:
-    return jsonify(error=type(exc).__name__, message=str(exc), **extra), code
+    message = str(exc)
+    if code >= 500:
+        # A driver's message names hosts, ports, roles and databases: the log has
+        # it whole, the answer has it redacted as the health endpoints do.
+        runtime = current_app.extensions["statemanager"]
+        message = redact(message, known_secrets(runtime), known_names(runtime))
+    return jsonify(error=type(exc).__name__, message=message, **extra), code
 
 
 @bp.app_errorhandler(StateManagerError)
@@ -304,6 +311,7 @@ def handle_state_error(exc: StateManagerError) -> tuple[Response, int]:
     if isinstance(exc, StateLimitError):
         return _error(422, exc, messages={exc.limit: [str(exc)]})
     if isinstance(exc, BackendUnavailableError):
+        current_app.logger.error("State store unavailable: %s", exc)
         return _error(503, exc)
     # ConfigurationError and anything new: a server-side problem.
     current_app.logger.exception("State manager error")

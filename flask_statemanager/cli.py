@@ -9,11 +9,12 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import click
-from flask.cli import with_appcontext
+from flask import has_app_context
+from flask.cli import ScriptInfo, with_appcontext
 
 from . import codec
-from .errors import StateManagerError
-from .query import Page, parse_conditions
+from .errors import StateManagerError, StateValidationError
+from .query import Page, check_paging, parse_conditions, parse_order
 from .records import isoformat
 from .transfer import export_states, prepare_import
 
@@ -225,11 +226,43 @@ def _parse_filters(
     return filters
 
 
+def _check_order(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Option callback: *value* must be an order :func:`~.query.parse_order` accepts."""
+    try:
+        parse_order(value)
+    except StateManagerError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def _check_paging(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """Option callback for ``--page`` and ``--per-page``: the limits searches enforce
+    (:func:`~.query.check_paging`, ``STATEMANAGER_MAX_PER_PAGE``)."""
+    with _clear_errors():
+        if has_app_context():
+            max_per_page = _manager()._runtime().settings.max_per_page
+        else:  # callbacks run before with_appcontext pushes the command's context
+            with ctx.ensure_object(ScriptInfo).load_app().app_context():
+                max_per_page = _manager()._runtime().settings.max_per_page
+    page, per_page = (value, 1) if param.name == "page" else (1, value)
+    try:
+        check_paging(page, per_page, max_per_page)
+    except StateValidationError as exc:
+        (problem,) = (problems[0] for problems in exc.messages.values())
+        raise click.BadParameter(problem, ctx=ctx, param=param) from None
+    return value
+
+
 def _paging(command: Callable[..., Any]) -> Callable[..., Any]:
     """The paging and output options ``list`` and ``search`` share."""
     options = [
         click.option(
-            "--page", default=1, show_default=True, type=click.IntRange(1), help="Page number."
+            "--page",
+            default=1,
+            show_default=True,
+            type=click.IntRange(1),
+            callback=_check_paging,
+            help="Page number.",
         ),
         click.option(
             "--per-page",
@@ -238,12 +271,14 @@ def _paging(command: Callable[..., Any]) -> Callable[..., Any]:
             default=20,
             show_default=True,
             type=click.IntRange(1),
+            callback=_check_paging,
             help="States per page (at most STATEMANAGER_MAX_PER_PAGE).",
         ),
         click.option(
             "--order-by",
             default="-updated_at",
             show_default=True,
+            callback=_check_order,
             help="A record column (state_id, name, type, status, version, created_at, "
             "updated_at, expires_at); a leading '-' sorts descending.",
         ),
@@ -544,7 +579,12 @@ def rotate_keys(batch_size: int) -> None:
 
 
 @states.command("migrate")
-@click.option("--type", "state_type", help="Only this type (default: every type with migrations).")
+@click.option(
+    "--type",
+    "state_type",
+    callback=_known_type,
+    help="Only this type (default: every type with migrations).",
+)
 @_batch_size("States read and written per batch (one commit each).")
 @with_appcontext
 def migrate(state_type: str | None, batch_size: int) -> None:
@@ -563,7 +603,7 @@ def migrate(state_type: str | None, batch_size: int) -> None:
 
 
 @states.command("prune")
-@click.option("--type", "state_type", default=None, help="Only this state type.")
+@click.option("--type", "state_type", callback=_known_type, help="Only this state type.")
 @click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
 @_batch_size("States per batch; each batch commits on its own.")
 @with_appcontext

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from flask import Blueprint, Response, current_app, request
 
@@ -51,6 +51,18 @@ _HOST_RE = re.compile(
 )
 #: ``port 5432`` as libpq says it.
 _PORT_RE = re.compile(r"\bport \d+")
+#: A quoted name after the word that says what it is, as drivers write them:
+#: ``failed to resolve host 'db'``, ``role "admin" does not exist``,
+#: ``database "prod" does not exist``, ``for user "admin"``, ``server at "db"``.
+_QUOTED_NAME_RE = re.compile(
+    r"\b(host|role|database|user|server at)(\s+)(\"[^\"]*\"|'[^']*')", re.IGNORECASE
+)
+#: What a name masked as a whole word may not touch on either side: ``postgres``
+#: is masked in ``user postgres`` but not in ``postgresql``, nor ``prod`` in ``prod-eu``.
+_NAME_EDGE = r"[\w.\-]"
+
+#: Words the reports themselves use (store kinds and components), never masked.
+_OWN_WORDS = frozenset({"memory", "sql", "sqlite", "postgresql", "redis", "cache", "database"})
 
 health = Blueprint("statemanager_health", __name__)
 
@@ -89,7 +101,8 @@ def _respond(body: dict[str, Any], status: int) -> Response:
         mimetype = "application/json"
     runtime = current_app.extensions.get("statemanager")
     secrets = known_secrets(runtime) if runtime is not None else []
-    text = codec.dumps_str(redact(body, secrets), lenient=True)
+    names = known_names(runtime) if runtime is not None else []
+    text = codec.dumps_str(redact(body, secrets, names), lenient=True)
     response = current_app.response_class(text, status=status, mimetype=mimetype)
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -151,14 +164,26 @@ def to_health_json(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
+def redact(value: Any, secrets: Iterable[str] = (), names: Iterable[str] = ()) -> Any:
     """*value* with each of *secrets*, URLs, ``user:password@host`` parts,
     ``password=`` pairs, host addresses and ports masked in every string it holds.
+
+    *names* (host, user and database names) are masked where they stand as a
+    whole word in a message (a string with a space in it), and so is any
+    quoted name a driver writes after ``host``, ``role``, ``database``,
+    ``user`` or ``server at``: single-label host names (``dbprimary``, a
+    Docker or Kubernetes service) match no address pattern.
 
     Only strings are touched; a report's ``time`` values hold no dotted host
     and survive unchanged.
     """
     secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+    words = sorted({n for n in names if n}, key=len, reverse=True)
+    names_re = (
+        re.compile(f"(?<!{_NAME_EDGE})(?:{'|'.join(map(re.escape, words))})(?!{_NAME_EDGE})")
+        if words
+        else None
+    )
 
     def clean(text: str) -> str:
         for secret in secrets:
@@ -167,7 +192,12 @@ def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
         text = _USERINFO_RE.sub("<credentials>", text)
         text = _PASSWORD_RE.sub(r"\1***", text)
         text = _HOST_RE.sub("<host>", text)
-        return _PORT_RE.sub("port <port>", text)
+        text = _PORT_RE.sub("port <port>", text)
+        if names_re is not None and any(c.isspace() for c in text):
+            # Only in messages: one-word values (a status, ``"component": "redis"``)
+            # stay, even when a host is named like its service.
+            text = names_re.sub("***", text)
+        return _QUOTED_NAME_RE.sub(_mask_quoted, text)
 
     def walk(item: Any) -> Any:
         if isinstance(item, str):
@@ -181,17 +211,18 @@ def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
     return walk(value)
 
 
+def _mask_quoted(match: re.Match[str]) -> str:
+    word, space, quoted = match.groups()
+    if quoted[1:-1] in ("<host>", "***"):
+        return match.group(0)
+    return f"{word}{space}{quoted[0]}***{quoted[0]}"
+
+
 def known_secrets(runtime: Runtime) -> list[str]:
     """The passwords *runtime*'s app configuration and store clients know."""
     found: list[str] = []
-    config = runtime.app.config if runtime.app is not None else {}
-    for key in ("STATEMANAGER_DATABASE_URI", "STATEMANAGER_REDIS_URL", "SQLALCHEMY_DATABASE_URI"):
-        url = config.get(key)
-        if isinstance(url, str) and "://" in url:
-            try:
-                found.append(urlsplit(url).password or "")
-            except ValueError:
-                pass
+    for url in _config_urls(runtime):
+        found.append(url.password or "")
     store: Any = runtime.store
     for part in (store, getattr(store, "inner", None)):
         engine_url = getattr(getattr(part, "engine", None), "url", None)
@@ -201,3 +232,45 @@ def known_secrets(runtime: Runtime) -> list[str]:
         if pool is not None:
             found.append(pool.connection_kwargs.get("password") or "")
     return found
+
+
+def known_names(runtime: Runtime) -> list[str]:
+    """The host, user and database names in *runtime*'s configured URLs and store clients.
+
+    Pass them to :func:`redact` as *names*: a driver's message names them
+    without any address syntax (``failed to resolve host 'dbprimary'``).
+    """
+    found: list[str] = []
+    for url in _config_urls(runtime):
+        found += [url.hostname or "", url.username or "", url.path.lstrip("/")]
+    store: Any = runtime.store
+    for part in (store, getattr(store, "inner", None)):
+        engine_url = getattr(getattr(part, "engine", None), "url", None)
+        if engine_url is not None:
+            found += [engine_url.host or "", engine_url.username or "", engine_url.database or ""]
+        pool = getattr(getattr(part, "client", None), "connection_pool", None)
+        if pool is not None:
+            kwargs = pool.connection_kwargs
+            found += [str(kwargs.get("host") or ""), str(kwargs.get("username") or "")]
+    # A SQLite database is a file path, Redis databases are numbers, and a host
+    # named like its service (``redis``) is the report's own word: none is a name.
+    return [
+        name
+        for name in found
+        if name and "/" not in name and not name.isdigit() and name not in _OWN_WORDS
+    ]
+
+
+def _config_urls(runtime: Runtime) -> list[SplitResult]:
+    config = runtime.app.config if runtime.app is not None else {}
+    urls = []
+    for key in ("STATEMANAGER_DATABASE_URI", "STATEMANAGER_REDIS_URL", "SQLALCHEMY_DATABASE_URI"):
+        url = config.get(key)
+        if isinstance(url, str) and "://" in url:
+            try:
+                split = urlsplit(url)
+                split.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError:
+                continue
+            urls.append(split)
+    return urls

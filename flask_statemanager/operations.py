@@ -754,12 +754,13 @@ class StateOperations:
         component (``"database"``, and ``"redis"`` with a cache): its
         ``component``, ``status`` (``"up"``/``"down"``), ``latency_ms``, the
         ``time`` it was taken and, when down, an ``error`` with hosts, ports,
-        URLs and credentials masked (:func:`~flask_statemanager.health.redact`).
+        URLs, credentials and the configured host, user and database names
+        masked (:func:`~flask_statemanager.health.redact`).
         ``state_count`` is cheap enough to poll at millions of states: on
         PostgreSQL it is the planner's estimate once the table is large
         (``state_count_exact`` is then ``False``); ``None`` when down.
         """
-        from .health import known_secrets, redact
+        from .health import known_names, known_secrets, redact
 
         runtime = self._runtime()
         store = runtime.store
@@ -779,7 +780,8 @@ class StateOperations:
             "cache_hit_rate": store.cache_hit_rate,
             "checks": checks,
         }
-        return redact(report, known_secrets(runtime))  # type: ignore[no-any-return]
+        secrets, names = known_secrets(runtime), known_names(runtime)
+        return redact(report, secrets, names)  # type: ignore[no-any-return]
 
     def get_metrics(self) -> dict[str, Any]:
         """Counts per operation, transition and error, callback failures, latencies,

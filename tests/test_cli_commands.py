@@ -165,6 +165,46 @@ def test_list_bad_arguments(sqlite_app: Flask) -> None:
     assert "is not in the range" in refused(sqlite_app, "list", "--page", "0")
 
 
+USAGE_ERRORS = [
+    (["list", "--per-page", "100000"], "Must be between 1 and 500 (STATEMANAGER_MAX_PER_PAGE)"),
+    (["list", "--page", "1000000000000"], "Pages are numbered from 1 to 10**9"),
+    (["list", "--page", "0"], "is not in the range x>=1"),
+    (["list", "--order-by", "bogus"], "Cannot order by 'bogus'"),
+    (["search", "user", "data.plan=pro", "--order-by", "data.plan"], "Cannot order by 'data.plan'"),
+    (["search", "user", "--per-page", "501"], "STATEMANAGER_MAX_PER_PAGE"),
+    (["migrate", "--type", "nosuch"], "Unknown state type 'nosuch'"),
+    (["prune", "--type", "nosuch"], "Unknown state type 'nosuch'"),
+    (["export", "--type", "nosuch"], "Unknown state type 'nosuch'"),
+    (["sweep", "--limit", "0"], "is not in the range x>=1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS]
+)
+def test_bad_arguments_are_usage_errors(sqlite_app: Flask, args: list[str], message: str) -> None:
+    seed(sqlite_app)
+    before = snapshot(sqlite_app)
+    result = run(sqlite_app, *args)
+    assert result.exit_code == 2, result.output  # click's status for a usage error
+    assert "Error: Invalid value for" in result.stderr and message in result.stderr
+    assert f" states {args[0]} --help' for help." in result.stderr
+    assert snapshot(sqlite_app) == before
+
+
+def test_refused_operations_exit_1(sqlite_app: Flask) -> None:
+    seed(sqlite_app)
+    for args, message in [
+        (["show", "nobody"], "No state 'nobody'"),
+        (["transition", "user_00", "resume"], "resume"),
+    ]:
+        result = run(sqlite_app, *args)
+        assert result.exit_code == 1, result.output
+        assert message in result.stderr and "Usage:" not in result.stderr
+    # A page past the end is no error: an empty page.
+    assert "Page 1000 of 1" in ok(sqlite_app, "list", "--page", "1000", "--per-page", "500").stderr
+
+
 def test_search_filters(sqlite_app: Flask) -> None:
     seed(sqlite_app)
 

@@ -17,6 +17,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography.fernet import Fernet
@@ -619,6 +620,42 @@ def test_health_answers_healthy(tmp_path: Path, store: str) -> None:
     metrics = client.get("/metrics")
     assert metrics.status_code == 200
     assert b"statemanager_operations_total" in metrics.data
+
+
+@pytest.mark.parametrize(
+    ("url", "leaks"),
+    [
+        ("postgresql://admin:s3cret-pw@dbprimary:5432/proddb", ["dbprimary", "admin", "proddb"]),
+        ("postgresql://admin:s3cret-pw@127.0.0.1:1/proddb", ["127.0.0.1", "port 1", "admin"]),
+        ("postgresql://admin_nobody:s3cret-pw@{server}/proddb", ["admin_nobody", "proddb"]),
+    ],
+    ids=["unknown host", "refused", "unknown role"],
+)
+def test_database_down_is_503_without_hosts_or_roles(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+    url: str,
+    leaks: list[str],
+) -> None:
+    if "{server}" in url:  # the real server, which answers: the role does not exist
+        server = urlsplit(request.getfixturevalue("postgres_url"))
+        url = url.format(server=f"{server.hostname}:{server.port}")
+    app = _sqlite_app(tmp_path, STATEMANAGER_DATABASE_URI=url, STATEMANAGER_CONNECT_TIMEOUT=2)
+    client = app.test_client()
+    for response in (
+        client.get("/users/linus"),
+        client.get("/users?plan=pro"),
+        client.post("/users/linus", json={"data": {"email": "linus@example.com"}}),
+    ):
+        assert response.status_code == 503
+        body = response.get_json()
+        assert body["error"] == "BackendUnavailableError"
+        assert body["message"].startswith("The postgresql database is unavailable: ")
+        for leak in [*leaks, "s3cret-pw", "://"]:
+            assert leak not in body["message"], body["message"]
+    # The operator still finds the whole message in the log.
+    assert any(leaks[0] in record.getMessage() for record in caplog.records)
 
 
 # -- no bad input gives a 5xx ------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -241,6 +242,75 @@ def test_redact_masks_urls_credentials_and_known_secrets() -> None:
     for leaked in ("pw1", "pw2", "pw3", "db.internal", "XYZ-secret", "://"):
         assert leaked not in text
     assert redact({"n": 1, "ok": None}) == {"n": 1, "ok": None}
+
+
+def test_redact_masks_names_in_messages_only_as_whole_words() -> None:
+    body = {
+        "error": 'role "admin" does not exist; user postgres at db-eu; Error connecting to '
+        "redis:6379",
+        "component": "redis",
+        "quoted": "failed to resolve host 'svc' for database \"other\" as user 'x'",
+    }
+    out = redact(body, names=["admin", "postgres", "redis", "db"])
+    assert out == {
+        "error": 'role "***" does not exist; user *** at db-eu; Error connecting to ***:6379',
+        "component": "redis",  # one-word values are the report's own vocabulary
+        "quoted": "failed to resolve host '***' for database \"***\" as user '***'",
+    }
+
+
+def _unreachable(postgres_url: str, case: str) -> tuple[dict[str, Any], list[str], str]:
+    """Store config whose connection fails with a driver message naming a host, role
+    or database: (config, the names that must not leak, what the message must still say)."""
+    server = urlsplit(postgres_url)
+    at = f"{server.hostname}:{server.port}"
+    return {
+        "host": (
+            {"STATEMANAGER_DATABASE_URI": f"postgresql://admin:{PASSWORD}@dbprimary:5432/proddb"},
+            ["dbprimary", "admin", "proddb"],
+            "failed to resolve host",
+        ),
+        "role": (
+            {"STATEMANAGER_DATABASE_URI": f"postgresql://admin_nobody:{PASSWORD}@{at}/proddb"},
+            ["admin_nobody", "proddb"],
+            "does not exist",
+        ),
+        "database": (
+            {"STATEMANAGER_DATABASE_URI": f"postgresql://{server.username}@{at}/nosuchdb_hc"},
+            ["nosuchdb_hc"],
+            "does not exist",
+        ),
+        "redis host": (
+            {
+                "STATEMANAGER_STORE": "redis",
+                "STATEMANAGER_REDIS_URL": f"redis://cacheuser:{PASSWORD}@cachehost:6379/0",
+            },
+            ["cachehost", "cacheuser"],
+            "Redis is unavailable",
+        ),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["host", "role", "database", "redis host"])
+def test_unreachable_store_names_no_host_role_or_database(
+    tmp_path: Path, postgres_url: str, case: str
+) -> None:
+    config, names, says = _unreachable(postgres_url, case)
+    app = _app(tmp_path, STATEMANAGER_CONNECT_TIMEOUT=2, **config)
+    client = app.test_client()
+    for path, accept in [
+        ("/health", "application/json"),
+        ("/health", HEALTH_JSON),
+        ("/health/ready", "application/json"),
+        ("/health/ready", HEALTH_JSON),
+    ]:
+        response = _get(client, path, Accept=accept)
+        assert response.status_code == 503
+        assert says in response.get_data(as_text=True)
+        _no_secrets(response, *names)
+    with app.app_context():
+        error = StateManager().get_health_status()["checks"]["database"]["error"]
+    assert says in error and not any(name in error for name in names), error
 
 
 def test_missing_tables_are_unhealthy_and_not_ready(tmp_path: Path, postgres_url: str) -> None:
