@@ -381,7 +381,7 @@ _PG_WHERE = (
     "AND (statemanager_states.status NOT IN (%s::VARCHAR, %s::VARCHAR)) "
     "AND (statemanager_states.expires_at IS NULL "
     "OR statemanager_states.expires_at > %s::TIMESTAMP WITH TIME ZONE) "
-    "AND (data #> '{status}') = %s::JSONB"
+    "AND (data #> '{\"status\"}') = %s::JSONB"
 )
 PG_SEARCH = (
     f"SELECT {_SELECT_COLUMNS} FROM statemanager_states {_PG_WHERE} "
