@@ -32,6 +32,7 @@ from . import codec
 from .audit import seal
 from .definitions import DELETED, EXPIRED, TypeDefinition, builtin_types
 from .errors import (
+    BackendUnavailableError,
     InvalidTransitionError,
     MigrationError,
     StateConflictError,
@@ -641,6 +642,8 @@ def sweep(registry: Registry, runtime: Runtime, limit: int) -> int:
     for row in due:
         try:
             recorded += expire(registry, runtime, row["state_id"]) is not None
+        except BackendUnavailableError:
+            raise  # the store is down: the other rows would only wait on it too
         except StateManagerError as exc:
             logger.error("Could not record the expiry of state %r: %s", row["state_id"], exc)
             failures.append(exc)

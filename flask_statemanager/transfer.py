@@ -369,9 +369,13 @@ def import_states(
     *,
     replace: bool = False,
     progress: Callable[[int], None] = lambda n: None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
 ) -> Summary:
-    """:func:`prepare_import` then :meth:`PreparedImport.restore`."""
-    with prepare_import(store, lines, check_type, replace=replace) as prepared:
+    """:func:`prepare_import` then :meth:`PreparedImport.restore`.
+
+    :param max_depth: the app's ``STATEMANAGER_MAX_DEPTH``.
+    """
+    with prepare_import(store, lines, check_type, replace=replace, max_depth=max_depth) as prepared:
         return prepared.restore(progress)
 
 

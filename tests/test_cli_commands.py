@@ -622,3 +622,20 @@ def test_export_is_consistent_while_states_change(tmp_path: Path) -> None:
     target = _app(tmp_path, "target", STATEMANAGER_STORE="memory")
     imported = ok(target, "import", input=exported.stdout)
     assert checksum(imported.stdout, "Checksum of the store") == checksum(exported.stderr)
+
+
+def test_import_states_takes_the_app_s_depth_limit(tmp_path: Path) -> None:
+    """The public import_states() checks documents against STATEMANAGER_MAX_DEPTH, not 32."""
+    from flask_statemanager.transfer import encode, import_states
+
+    deep = _nested(40)
+    source = _app(tmp_path, "deep_source", STATEMANAGER_STORE="memory", STATEMANAGER_MAX_DEPTH=64)
+    target = _app(tmp_path, "deep_target", STATEMANAGER_STORE="memory", STATEMANAGER_MAX_DEPTH=64)
+    sm = StateManager()
+    with source.app_context():
+        state = sm.register_state("deep", "user", {"data": deep})
+        line = encode(state, sm.get_state_history("deep"))
+    with target.app_context():
+        summary = import_states(sm.store, [line], sm.get_type, max_depth=64)
+        assert summary.states == 1
+        assert sm.get_state("deep")["data"] == deep

@@ -333,6 +333,13 @@ class StoreContract:
         assert [c["version"] for c in suspensions] == [3, 5]
         assert all(c["change_id"] for c in suspensions)
         assert len({c["change_id"] for c in sm.get_state_history("a")}) == 5
+        # A batch's changes are recent in the order it made them, on every store.
+        with sm.transaction() as tx:
+            tx.register_state("zz", "user", user())
+            tx.register_state("aa", "user", user())
+            tx.update_state("zz", user(n=1))
+        newest = [(c["state_id"], c["version"]) for c in sm.get_recent_changes(limit=3)]
+        assert newest == [("zz", 2), ("aa", 1), ("zz", 1)]
 
     # -- tamper-evident history -----------------------------------------------------------
 

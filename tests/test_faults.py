@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
-from flask_statemanager import StateManager
+from flask_statemanager import BackendUnavailableError, StateManager
 
 from .conftest import make_app
 
@@ -44,3 +47,26 @@ def test_dropped_pooled_connections_are_replaced(tmp_path: Path, postgres_url: s
         history = manager.get_state_history("u1")
         assert [c["version"] for c in history] == [1, 2]
         assert manager.get_health_status()["status"] == "healthy"
+
+
+def test_the_sweep_stops_at_once_when_the_store_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unlike one unreadable state, an unavailable store fails every row: stop at the first."""
+    manager = StateManager()
+    app = make_app(tmp_path, STATEMANAGER_STORE="memory")
+    manager.init_app(app)
+    with app.app_context():
+        for n in range(5):
+            manager.register_state(f"s{n}", "user", {"data": {}}, ttl=0.05)
+        time.sleep(0.1)
+        attempts: list[str] = []
+
+        def down(state_ids: Any, plan: Any) -> Any:
+            attempts.append(state_ids[0])
+            raise BackendUnavailableError("The database is unavailable.", backend="memory")
+
+        monkeypatch.setattr(manager.store, "apply", down)  # the store goes down mid-sweep
+        with pytest.raises(BackendUnavailableError):
+            manager.sweep_expired()
+    assert len(attempts) == 1

@@ -533,7 +533,11 @@ class SQLStore(Store):
                             self._writing.raw = None
                         wrote = True
                         checks = []
-                        for write in self._ordered(writes):
+                        # In operation order, as every store writes history (and
+                        # get_recent_changes lists it); two batches inserting the
+                        # same new ids in opposite orders may deadlock, which
+                        # PostgreSQL breaks and the engine retries (LostRace).
+                        for write in writes:
                             for statement, params, counted in sql.write(write):
                                 cursor = raw.execute(statement, params)
                                 if counted:
@@ -571,17 +575,6 @@ class SQLStore(Store):
         """Roll back the transaction open on *raw*, if any."""
         if raw.info.transaction_status if self._sql.postgres else raw.in_transaction:
             raw.execute("ROLLBACK")
-
-    def _ordered(self, writes: Sequence[Write]) -> Sequence[Write]:
-        """*writes* in the order to send them: on PostgreSQL sorted by state id
-        (stably, so one state's writes keep their order).
-
-        Inserting new ids waits on another transaction inserting the same ids;
-        in one order for every writer, two batches never wait on each other.
-        """
-        if not self._sql.postgres or len(writes) < 2:
-            return writes
-        return sorted(writes, key=lambda w: w.state["state_id"])
 
     def restore(self, state: State, changes: Sequence[Change], *, replace: bool = False) -> None:
         check_restore(state, changes)
