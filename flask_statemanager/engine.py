@@ -262,8 +262,7 @@ def commit(
         except LostRace as lost:
             # Another writer got in the way of the batch as a whole: plan again.
             given_up = lost.error
-            if attempt + 1 < attempts:
-                time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
+            _back_off(attempt, attempts)
             continue
         except VersionMismatch as lost:
             # Only stores without locks get here: another writer won the race.
@@ -274,9 +273,7 @@ def commit(
             if expected is not None:
                 raise StateConflictError(lost.state_id, expected, lost.actual_version) from None
             given_up = None
-            if attempt + 1 < attempts:
-                # Back off with jitter so racing writers stop colliding.
-                time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
+            _back_off(attempt, attempts)
             continue
         except StateManagerError:
             _count_rejections(runtime, rejected)
@@ -293,6 +290,12 @@ def commit(
         message=f"State {', '.join(map(repr, state_ids))} kept changing under {attempts} "
         "attempts to write it; retry later or pass a larger retries.",
     )
+
+
+def _back_off(attempt: int, attempts: int) -> None:
+    """Sleep with jitter before another attempt, so racing writers stop colliding."""
+    if attempt + 1 < attempts:
+        time.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
 
 
 #: Errors that count as a rejected change in the metrics.
@@ -479,9 +482,11 @@ def _prepare(
         target = definition.lifecycle.rule(proposal.transition, status, type_name).target
 
     # A migration's output is checked like new input.
-    stored = live if live is not None and "migrated_from" not in (proposal.note or {}) else None
-    data, size = _document(proposal.data, live, stored, "data", settings.max_depth)
-    metadata, more = _document(proposal.metadata, live, stored, "metadata", settings.max_depth)
+    checked = "migrated_from" not in (proposal.note or {})
+    data, size = _document(proposal.data, live, "data", settings.max_depth, checked=checked)
+    metadata, more = _document(
+        proposal.metadata, live, "metadata", settings.max_depth, checked=checked
+    )
     size += more
     if live is None:
         # New records are written in the type's newest data shape.
@@ -554,22 +559,23 @@ def _prepare(
 def _document(
     given: dict[str, Any] | None,
     live: State | None,
-    stored: State | None,
     field: str,
     max_depth: int,
+    *,
+    checked: bool,
 ) -> tuple[dict[str, Any], int]:
     """The checked *field* document of the new record (*given*, else the live
     one's) and its encoded size.
 
-    A document kept from *stored* (the live record as the store holds it) was
-    checked when it was written: only its size is taken again.
+    A document kept from *live* as the store holds it (*checked*: no migration
+    rewrote it) was checked when it was written: only its size is taken again.
     """
-    if given is None and stored is not None:
-        kept: dict[str, Any] = stored[field]
-        return kept, len(codec.dumps(kept))
-    if given is None:
-        given = live[field] if live is not None else {}
-    return codec.check_document(given, field, max_depth=max_depth)
+    if given is None and live is not None:
+        if checked:
+            kept: dict[str, Any] = live[field]
+            return kept, len(codec.dumps(kept))
+        given = live[field]
+    return codec.check_document({} if given is None else given, field, max_depth=max_depth)
 
 
 def is_live(row: State, now: datetime) -> bool:
