@@ -775,6 +775,159 @@ def test_sigkill_mid_write_never_splits_state_and_history(
     assert sm.update_state("victim", {"data": {"n": -1}})["data"] == {"n": -1}
 
 
+# -- the connections the scripts run on ----------------------------------------------------
+
+
+def _history_versions(sm: StateManager, state_id: str) -> list[int]:
+    return [c["version"] for c in sm.get_state_history(state_id)]
+
+
+def test_scripts_run_again_after_the_server_forgot_them(
+    sm: StateManager, client: redis.Redis
+) -> None:
+    """A restarted or flushed server answers NOSCRIPT: the script is loaded and run."""
+    sm.register_state("u1", "user", user(n=0))
+    client.script_flush()
+    sm.update_state("u1", user(n=1))
+    client.script_flush()
+    assert sm.search_states("user", {"data.n": 1}).total == 1
+    assert _history_versions(sm, "u1") == [1, 2]
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_before_use(app: Flask) -> None:
+    """CLIENT KILL between two writes: the next write reconnects first, as redis-py's
+    pool does, so even a client that never retries does not fail."""
+    runtime = app.extensions["statemanager"]
+    runtime.store.close()
+    runtime.store = RedisStore(
+        redis.Redis.from_url(
+            app.config["STATEMANAGER_REDIS_URL"],
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        ),
+        prefix="statemanager",
+        owns_client=True,
+    )
+    killer = redis.Redis.from_url(app.config["STATEMANAGER_REDIS_URL"])
+    with app.app_context():
+        sm = StateManager()
+        sm.register_state("u1", "user", user(n=0))
+        for n in range(1, 4):
+            assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+            time.sleep(0.01)  # the server has closed the socket
+            sm.update_state("u1", user(n=n))
+        assert _history_versions(sm, "u1") == [1, 2, 3, 4]
+        assert list(sm.verify_history("u1")) == ["u1"]
+    killer.close()
+
+
+def test_a_call_that_timed_out_leaves_no_reply_for_the_next(
+    app: Flask, client: redis.Redis
+) -> None:
+    """A write times out while Redis is paused; the next calls on the store read
+    their own replies, never a late one of the write."""
+    url = app.config["STATEMANAGER_REDIS_URL"]
+    runtime = app.extensions["statemanager"]
+    runtime.store.close()
+    runtime.store = RedisStore(
+        redis.Redis.from_url(
+            url, socket_timeout=0.2, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        ),
+        prefix="statemanager",
+        owns_client=True,
+    )
+    with app.app_context():
+        sm = StateManager()
+        sm.register_state("u1", "user", user(n=0, status="a"))
+        sm.register_state("u2", "user", user(n=0, status="b"))
+        client.client_pause(600, all=False)  # writes wait, reads answer
+        with pytest.raises(BackendUnavailableError):
+            sm.update_state("u1", user(n=1, status="a"))
+        time.sleep(0.7)  # the pause is over
+        page = sm.search_states("user", {"data.status": "b"})
+        assert [s["state_id"] for s in page.items] == ["u2"]
+        assert sm.update_state("u2", user(n=2, status="b"))["version"] == 2
+        assert sm.update_state("u1", user(n=3, status="a"))["data"]["n"] == 3
+        version = sm.get_state("u1")["version"]  # 2 or 3: the timed-out write may have landed
+        assert _history_versions(sm, "u1") == list(range(1, version + 1))
+        assert _history_versions(sm, "u2") == [1, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_use_its_parents_connections(sm: StateManager, app: Flask) -> None:
+    """Parent and child write at once after a fork; each gets its own replies."""
+    sm.register_state("parent", "user", user(n=0))
+    sm.register_state("child", "user", user(n=0))
+    sm.update_state("parent", user(n=1))  # the parent now keeps a connection
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if every write read its own reply
+        code = 1
+        try:
+            with app.app_context():
+                for n in range(1, 101):
+                    assert StateManager().update_state("child", user(n=n))["version"] == n + 1
+            code = 0
+        finally:
+            os._exit(code)
+    for n in range(2, 102):
+        assert sm.update_state("parent", user(n=n))["version"] == n + 1
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _history_versions(sm, "child") == list(range(1, 102))
+    assert _history_versions(sm, "parent") == list(range(1, 103))
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_a_capped_pool_gets_its_connection_back_after_each_call(
+    tmp_path: Path, clean_redis: str, blocking: bool
+) -> None:
+    """An application's client with one connection can use it between the store's calls."""
+    pool_class = redis.BlockingConnectionPool if blocking else redis.ConnectionPool
+    options = {"timeout": 0.5} if blocking else {}
+    shared = redis.Redis(
+        connection_pool=pool_class.from_url(clean_redis, max_connections=1, **options)
+    )
+    manager = StateManager(redis_manager=shared)
+    manager.register_type("user", indexes=["data.status"])
+    app = make_app(tmp_path, STATEMANAGER_STORE="redis")
+    manager.init_app(app)
+    with app.app_context():
+        manager.create_all()
+        manager.register_state("u1", "user", user(n=0))
+        for n in range(1, 4):
+            manager.update_state("u1", user(n=n))
+            assert shared.set("app-key", n)  # would fail: "Too many connections" / timeout
+        assert manager.search_states("user").total == 1
+        assert shared.get("app-key") == b"3"
+    shared.close()
+
+
+def test_threads_share_the_kept_connections(sm: StateManager, app: Flask) -> None:
+    """Twelve threads writing at once (more than the connections kept) each read
+    their own replies."""
+    ids = [f"t{n}" for n in range(12)]
+    for state_id in ids:
+        sm.register_state(state_id, "user", user(n=0))
+    errors: list[BaseException] = []
+
+    def run(state_id: str) -> None:
+        try:
+            with app.app_context():
+                manager = StateManager()
+                for n in range(1, 51):
+                    assert manager.update_state(state_id, user(n=n))["version"] == n + 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(state_id,)) for state_id in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for state_id in ids:
+        assert _history_versions(sm, state_id) == list(range(1, 52))
+
+
 # -- a server that does not answer -------------------------------------------------------
 
 

@@ -161,6 +161,7 @@ from .base import (
     check_restore,
     restore_refused,
 )
+from .redis_calls import Scripts
 from .redis_records import (
     TOMBSTONES,
     UNKNOWN_HEAD,
@@ -244,10 +245,9 @@ class RedisStore(Store):
         self._lock_wait = lock_wait
         self._tombstone_ms = 0 if tombstone_ttl is None else max(1, round(tombstone_ttl * 1000))
         folder = resources.files(__package__).joinpath("redis_scripts")
-        self._scripts = {
-            name: client.register_script(folder.joinpath(f"{name}.lua").read_text("utf-8"))
-            for name in _SCRIPTS
-        }
+        self._scripts = Scripts(
+            client, {name: folder.joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPTS}
+        )
         password = client.connection_pool.connection_kwargs.get("password")
         self._password = str(password) if password else None
         #: Each type's index definition as stored (raw JSON), loaded on first write.
@@ -318,7 +318,7 @@ class RedisStore(Store):
     def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one of the Lua scripts (EVALSHA, loading it if the server lost it)."""
         try:  # not self._redis(): this is every write's path, and a plain try is cheaper
-            return self._scripts[script](keys=keys, args=args)
+            return self._scripts.run(script, keys, args)
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
@@ -345,8 +345,8 @@ class RedisStore(Store):
         and no write indexes it again.
         """
         with self._redis():
-            for script in self._scripts.values():
-                self.client.script_load(script.script)
+            for source in self._scripts.sources.values():
+                self.client.script_load(source)
         types = list(types)
         self._encrypted = {t.name: frozenset(t.encrypted_fields) for t in types}
         self._layouts.clear()
@@ -1130,7 +1130,9 @@ class RedisStore(Store):
         self._records.clear()
 
     def close(self) -> None:
-        """Close the client if the store made it (an application's client stays open)."""
+        """Give the kept connections back; close the client if the store made it
+        (an application's client stays open)."""
+        self._scripts.close()
         if self._owns_client:
             self.client.close()
 
