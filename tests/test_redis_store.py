@@ -928,6 +928,100 @@ def test_threads_share_the_kept_connections(sm: StateManager, app: Flask) -> Non
         assert _history_versions(sm, state_id) == list(range(1, 52))
 
 
+class _Interrupted(BaseException):
+    """Stands for a gevent.Timeout or KeyboardInterrupt arriving at a bad moment."""
+
+
+def _shared_store(app: Flask, client: redis.Redis) -> StateManager:
+    """Give *app* a Redis store on the application's own *client*."""
+    runtime = app.extensions["statemanager"]
+    runtime.store.close()
+    runtime.store = RedisStore(client, prefix="statemanager")
+    return StateManager()
+
+
+def test_an_interrupted_connection_check_gives_the_connection_back(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted while checking a kept connection, a call still returns it to the
+    pool: the application's client never runs out of connections."""
+    from flask_statemanager.stores import redis_calls
+
+    shared = redis.Redis(
+        connection_pool=redis.ConnectionPool.from_url(
+            app.config["STATEMANAGER_REDIS_URL"], max_connections=8
+        )
+    )
+    check = redis_calls._check
+
+    def interrupted(connection: Any) -> None:
+        check(connection)
+        raise _Interrupted
+
+    with app.app_context():
+        sm = _shared_store(app, shared)
+        sm.register_state("u1", "user", user(n=0))
+        for n in range(1, 13):
+            monkeypatch.setattr(redis_calls, "_check", interrupted)
+            with pytest.raises(_Interrupted):
+                sm.update_state("u1", user(n=n))
+            monkeypatch.setattr(redis_calls, "_check", check)
+            sm.update_state("u1", user(n=n))  # keeps a connection again
+        assert shared.set("app-key", 1)
+        assert sm.get_state("u1")["data"]["n"] == 12
+    shared.close()
+
+
+def test_a_store_closed_during_a_call_keeps_no_connection(app: Flask, client: redis.Redis) -> None:
+    """reset_instance() or init_app() again while a request writes: the write
+    finishes and gives its connection to the pool, not to the closed store."""
+    shared = redis.Redis(
+        connection_pool=redis.ConnectionPool.from_url(
+            app.config["STATEMANAGER_REDIS_URL"], max_connections=4
+        )
+    )
+    with app.app_context():
+        _shared_store(app, shared).register_state("u1", "user", user(n=0))
+    for n in range(1, 7):
+        store = app.extensions["statemanager"].store
+        with app.app_context():
+            StateManager().update_state("u1", user(n=n))  # keeps a connection
+        client.client_pause(200, all=False)
+
+        def write(n: int = n) -> None:
+            with app.app_context():
+                StateManager().update_state("u1", user(n=n))
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.05)  # the write waits on the paused server
+        store.close()  # what the app's teardown does; then a new store takes over
+        app.extensions["statemanager"].store = RedisStore(shared, prefix="statemanager")
+        writer.join()
+    assert shared.set("app-key", 1)  # would be "Too many connections"
+    with app.app_context():
+        assert _history_versions(StateManager(), "u1") == list(range(1, 14))
+    shared.close()
+
+
+@pytest.mark.parametrize("options", [{"protocol": 3}, {"decode_responses": True}])
+def test_scripts_run_on_any_client_the_application_gives(
+    app: Flask, options: dict[str, Any]
+) -> None:
+    """RESP3 (where connections go back to the pool after each call) and text
+    replies: writes, searches and history agree."""
+    shared = redis.Redis.from_url(app.config["STATEMANAGER_REDIS_URL"], **options)
+    with app.app_context():
+        sm = _shared_store(app, shared)
+        sm.register_state("u1", "user", user(n=0, status="a"))
+        for n in range(1, 6):
+            sm.update_state("u1", user(n=n, status="a"))
+        assert sm.search_states("user", {"data.status": "a"}).total == 1
+        assert _history_versions(sm, "u1") == list(range(1, 7))
+        assert list(sm.verify_history("u1")) == ["u1"]
+    shared.close()
+
+
 # -- a server that does not answer -------------------------------------------------------
 
 

@@ -28,10 +28,15 @@ What redis-py's call does, this does too:
   since some servers fork without Python's fork hooks).
 
 Kept connections are out of the pool, so their number is bounded: at most
-:data:`KEEP`, and at most a quarter of the pool's ``max_connections``; a
-:class:`redis.BlockingConnectionPool` (a hard cap the application shares) keeps
-none. A call that finds the stack full gives its connection back to the pool.
-:meth:`Scripts.close` gives the kept ones back.
+:data:`KEEP`, and at most a quarter of the pool's ``max_connections``. A call
+that finds the stack full gives its connection back to the pool, and so does
+every call on a pool whose connections the pool itself must look after
+between uses (see :func:`_keepable`): a :class:`redis.BlockingConnectionPool`
+(a hard cap the application shares), Sentinel (a connection to a demoted
+master is dropped when given back), RESP3 (push messages, client-side
+caching, maintenance notifications) and a ``credential_provider`` (tokens are
+renewed on connections given back). :meth:`Scripts.close` gives the kept ones
+back, and calls still running then give theirs to the pool.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
+import redis.sentinel
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 #: The most connections kept between calls (threads writing at once beyond this
@@ -61,33 +68,35 @@ class Scripts:
             name: hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
             for name, text in self.sources.items()
         }
-        if isinstance(self._pool, redis.BlockingConnectionPool):
-            self._keep = 0
-        else:
-            self._keep = min(KEEP, int(getattr(self._pool, "max_connections", 0)) // 4)
+        self._keep = _keepable(self._pool)
         self._idle: deque[Any] = deque()
+        self._lock = threading.Lock()  # the stack's bound: its length, then append
         self._pid = os.getpid()
 
     def run(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """``EVALSHA`` script *name*; raises redis-py's errors, as ``client.evalsha`` does."""
         connection = self._take()
+        clean = False  # True once a whole reply was read: the connection may be kept
         try:
             reply = connection.retry.call_with_retry(
                 lambda: self._evalsha(connection, name, keys, args),
                 lambda _error: connection.disconnect(),
             )
-        except ResponseError:  # the whole reply was read: the connection is clean
-            self._give_back(connection)
+            clean = True
+        except ResponseError:  # a Redis error is a whole reply too
+            clean = True
             raise
-        except BaseException:
-            connection.disconnect()
-            self._pool.release(connection)
-            raise
-        self._give_back(connection)
+        finally:
+            if clean:
+                self._give_back(connection)
+            else:  # anything else, a KeyboardInterrupt included: never reuse it
+                connection.disconnect()
+                self._pool.release(connection)
         return reply
 
     def close(self) -> None:
-        """Give every kept connection back to the pool."""
+        """Give every kept connection back to the pool; keep none from now on."""
+        self._keep = 0
         while self._idle:
             try:
                 connection = self._idle.pop()
@@ -114,15 +123,34 @@ class Scripts:
             connection = self._idle.pop()
         except IndexError:
             return self._pool.get_connection()  # checked by the pool
-        _check(connection)
+        try:
+            _check(connection)
+        except BaseException:  # say a gevent.Timeout in poll(): never lose the connection
+            connection.disconnect()
+            self._pool.release(connection)
+            raise
         return connection
 
     def _give_back(self, connection: Any) -> None:
         should_reconnect = getattr(connection, "should_reconnect", None)  # redis-py >= 7
-        if len(self._idle) < self._keep and not (should_reconnect and should_reconnect()):
-            self._idle.append(connection)
-        else:
-            self._pool.release(connection)
+        if self._keep and not (should_reconnect and should_reconnect()):
+            with self._lock:
+                if len(self._idle) < self._keep:
+                    self._idle.append(connection)
+                    return
+        self._pool.release(connection)
+
+
+def _keepable(pool: Any) -> int:
+    """How many connections of *pool* may be kept between calls (0: none)."""
+    if isinstance(pool, (redis.BlockingConnectionPool, redis.sentinel.SentinelConnectionPool)):
+        return 0
+    options = getattr(pool, "connection_kwargs", {})
+    if str(options.get("protocol") or 2) != "2" or options.get("credential_provider"):
+        return 0
+    if options.get("cache") is not None or getattr(pool, "cache", None) is not None:
+        return 0
+    return min(KEEP, int(getattr(pool, "max_connections", 0)) // 4)
 
 
 def _check(connection: Any) -> None:
