@@ -196,7 +196,8 @@ def test_every_new_connection_bumps_when_the_server_changed(sm: StateManager) ->
     generation = int(store.client.get(generation_key))
     # Same server, same run: a new connection leaves the generation alone.
     store.client.connection_pool.disconnect()
-    assert sm.get_state("u1")["version"] == 1
+    assert sm.get_state("u1")["version"] == 1  # a command's connection reconnects
+    assert store.peek("u1")["version"] == 1  # and so does a script's (it keeps its own)
     assert int(store.client.get(generation_key)) == generation
     # Another run (as after a restart from an AOF): the next connection bumps first.
     store.client.set(f"{store.prefix}:cache:run", "0" * 40)
@@ -428,9 +429,7 @@ def test_a_write_skipped_during_the_probe_is_made_up(tmp_path: Path, clean_redis
     bumped, release = threading.Event(), threading.Event()
 
     def probe(bump: bool) -> Any:
-        generation = a._probe_script(
-            keys=[a._generation_key], args=["1" if bump else "0"], client=a.client
-        )
+        generation = a._scripts.run("probe", [a._generation_key], ["1" if bump else "0"])
         bumped.set()
         assert release.wait(10)
         return generation
@@ -469,10 +468,14 @@ def test_an_interrupted_write_through_opens_the_circuit(
         sm.register_state("u1", "user", user(n=1))
         assert sm.get_state("u1")["version"] == 1
 
-        def interrupted(**kwargs: Any) -> Any:
-            raise _Interrupt
+        run = store._scripts.run
 
-        monkeypatch.setattr(store, "_write_script", interrupted)
+        def interrupted(name: str, keys: Any, args: Any) -> Any:
+            if name == "write":
+                raise _Interrupt
+            return run(name, keys, args)
+
+        monkeypatch.setattr(store._scripts, "run", interrupted)
         with pytest.raises(_Interrupt):
             sm.update_state("u1", user(n=2))  # committed; the write-through never ran
         monkeypatch.undo()
@@ -621,10 +624,14 @@ def test_a_failed_write_through_is_invalidated_by_the_writers_bump(
         b = cached_store(manager)
         assert manager.get_state("u1")["version"] == 1  # a hit for B too
 
-    def unreachable(**kwargs: Any) -> Any:
-        raise redis.ConnectionError("Error 113 connecting to 10.0.0.9:6379. No route to host.")
+    run = a._scripts.run
 
-    monkeypatch.setattr(a, "_write_script", unreachable)
+    def unreachable(name: str, keys: Any, args: Any) -> Any:
+        if name == "write":
+            raise redis.ConnectionError("Error 113 connecting to 10.0.0.9:6379. No route to host.")
+        return run(name, keys, args)
+
+    monkeypatch.setattr(a._scripts, "run", unreachable)
     with app_a.app_context():
         assert manager.update_state("u1", user(n=2))["version"] == 2
         assert a.cache_stats()["errors"] == 1

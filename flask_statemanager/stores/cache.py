@@ -173,6 +173,7 @@ from .base import (
     VersionMismatch,
     Write,
 )
+from .redis_calls import Scripts
 
 logger = logging.getLogger("flask_statemanager")
 
@@ -516,12 +517,17 @@ class CachedStore(Store):
         self._run_key = f"{prefix}:cache:run"
         self._key_prefix = f"{prefix}:cache:{{"
         self.client = _derive_client(client, timeout, self._generation_key, self._run_key)
-        self._read_script = self.client.register_script(_READ)
-        self._fill_script = self.client.register_script(_FILL)
-        self._write_script = self.client.register_script(_WRITE)
-        self._invalidate_script = self.client.register_script(_INVALIDATE)
-        self._peek_script = self.client.register_script(_PEEK)
-        self._probe_script = self.client.register_script(_PROBE)
+        self._scripts = Scripts(
+            self.client,
+            {
+                "read": _READ,
+                "fill": _FILL,
+                "write": _WRITE,
+                "invalidate": _INVALIDATE,
+                "peek": _PEEK,
+                "probe": _PROBE,
+            },
+        )
         self._circuit = _Circuit(cooldown)
         # The last generation this process saw in a reply: a write-through
         # carries the one read before its commit (rule 3).
@@ -607,7 +613,7 @@ class CachedStore(Store):
     def _script(
         self,
         what: str,
-        script: Any,
+        script: str,
         keys: Sequence[str],
         args: Sequence[Any],
         *,
@@ -617,7 +623,7 @@ class CachedStore(Store):
         """Run a Lua script under the circuit breaker; its first argument is the bump flag."""
         return self._call(
             what,
-            lambda bump: script(keys=keys, args=["1" if bump else "0", *args], client=self.client),
+            lambda bump: self._scripts.run(script, keys, ["1" if bump else "0", *args]),
             owes=owes,
             budget=budget,
         )
@@ -678,10 +684,10 @@ class CachedStore(Store):
             if missing and budget is not None and not bump and budget.exhausted(start):
                 self._count(skipped=1)  # no time left for a lease: the store answers alone
             elif missing:
-                reply = self._read_script(
-                    keys=self._keys(missing),
-                    args=["1" if bump else "0", os.urandom(8).hex(), self._lease_ms],
-                    client=self.client,
+                reply = self._scripts.run(
+                    "read",
+                    self._keys(missing),
+                    ["1" if bump else "0", os.urandom(8).hex(), self._lease_ms],
                 )
                 self._generation = reply[0]
                 for state_id, entry in zip(missing, reply[1:], strict=True):
@@ -714,7 +720,7 @@ class CachedStore(Store):
             filled = int(
                 self._script(
                     "fill",
-                    self._fill_script,
+                    "fill",
                     self._keys(leases),
                     [self._ttl_ms, *args],
                     budget=budget,
@@ -742,7 +748,7 @@ class CachedStore(Store):
         try:
             generation, written = self._script(
                 "write-through",
-                self._write_script,
+                "write",
                 self._keys(latest),
                 [known or b"", self._ttl_ms, *args],
                 owes=True,
@@ -761,8 +767,8 @@ class CachedStore(Store):
         """
 
         def run(owed: bool) -> Any:
-            return self._invalidate_script(
-                keys=self._keys(state_ids), args=["1" if bump or owed else "0"], client=self.client
+            return self._scripts.run(
+                "invalidate", self._keys(state_ids), ["1" if bump or owed else "0"]
             )
 
         try:
@@ -837,9 +843,7 @@ class CachedStore(Store):
         """
 
         def run(bump: bool) -> State | None:
-            entry = self._peek_script(
-                keys=self._keys([state_id]), args=["1" if bump else "0"], client=self.client
-            )[1]
+            entry = self._scripts.run("peek", self._keys([state_id]), ["1" if bump else "0"])[1]
             return None if entry is None else self._decode(entry)
 
         try:
@@ -970,7 +974,7 @@ class CachedStore(Store):
             if batch:
                 self.client.unlink(*batch)
             # Fills and write-throughs in flight carry the old generation: they go nowhere.
-            return self._probe_script(keys=[self._generation_key], args=["1"], client=self.client)
+            return self._scripts.run("probe", [self._generation_key], ["1"])
 
         try:
             self._generation = self._call("reset", run, owes=True)
@@ -1018,9 +1022,7 @@ class CachedStore(Store):
                 try:
                     self._generation = self._call(
                         "invalidation",
-                        lambda _bump: self._probe_script(
-                            keys=[self._generation_key], args=["1"], client=self.client
-                        ),
+                        lambda _bump: self._scripts.run("probe", [self._generation_key], ["1"]),
                         owes=True,
                     )
                 except _Skipped:
@@ -1029,6 +1031,7 @@ class CachedStore(Store):
         return total, run()
 
     def close(self) -> None:
+        self._scripts.close()
         self.client.connection_pool.disconnect()
         self.inner.close()
 
@@ -1044,9 +1047,7 @@ class CachedStore(Store):
         report: dict[str, Any] = {"component": "redis", "time": isoformat(utcnow())}
 
         def probe(bump: bool) -> Any:
-            return self._probe_script(
-                keys=[self._generation_key], args=["1" if bump else "0"], client=self.client
-            )
+            return self._scripts.run("probe", [self._generation_key], ["1" if bump else "0"])
 
         try:
             self._generation = self._call("health check", probe)
