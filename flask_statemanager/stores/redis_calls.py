@@ -1,14 +1,15 @@
-"""How the Redis store runs its Lua scripts: ``EVALSHA`` on connections it keeps.
+"""How the Redis store and cache run their Lua scripts: ``EVALSHA`` on kept connections.
 
 ``client.evalsha()`` takes a connection from redis-py's pool and gives it back
 on every call, through layers of retry, instrumentation and deprecation
 wrappers. Every write of the store is one script call, and in redis-py 8 those
 layers cost about as much client time as sending the command and reading its
-reply. :class:`Scripts` therefore keeps a few connections between calls on a
-stack of its own: a call pops one (or takes one from the pool), runs
-``EVALSHA`` on it with redis-py's own ``send_command`` / ``read_response``, and
-pushes it back. An update on the Redis store measured 30–75 µs faster (of
-250–350 µs) on the 2-core benchmark machine; see ``benchmarks/README.md``.
+reply (the Redis cache's write-through is one too). :class:`Scripts` therefore
+keeps a few connections between calls on a stack of its own: a call pops one
+(or takes one from the pool), runs ``EVALSHA`` on it with redis-py's own
+``send_command`` / ``read_response``, and pushes it back. An update on the
+Redis store measured 20–75 µs faster (of 250–350 µs) on the 2-core benchmark
+machine; see ``benchmarks/README.md``.
 
 What redis-py's call does, this does too:
 
@@ -56,10 +57,12 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 #: The most connections kept between calls (threads writing at once beyond this
 #: take theirs from the pool, as every redis-py command does).
 KEEP = 8
+#: ``select.poll`` where the platform has it (not on Windows: ``can_read`` there).
+_POLL = getattr(select, "poll", None)
 
 
 class Scripts:
-    """The store's Lua scripts by name (their sources in :attr:`sources`), run with :meth:`run`."""
+    """A store's Lua scripts by name (their sources in :attr:`sources`), run with :meth:`run`."""
 
     def __init__(self, client: redis.Redis, sources: Mapping[str, str]) -> None:
         self._pool = client.connection_pool
@@ -173,7 +176,3 @@ def _check(connection: Any) -> None:
             connection.disconnect()  # unexpected data: start afresh
     except (ConnectionError, TimeoutError, OSError):
         connection.disconnect()  # closed by the server
-
-
-#: ``select.poll`` where the platform has it (not on Windows: ``can_read`` there).
-_POLL = getattr(select, "poll", None)
