@@ -186,14 +186,21 @@ def verify(state_id: str | None) -> None:
 # -- listing and searching ------------------------------------------------------------
 
 
+@contextmanager
+def _usage_error(ctx: click.Context, param: click.Parameter) -> Iterator[None]:
+    """Turn a :class:`StateManagerError` into a usage error of *param* (exit 2)."""
+    try:
+        yield
+    except StateManagerError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 def _known_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Option callback: *value* must name a registered state type; returns its name."""
     if value is None:
         return None
-    try:
+    with _usage_error(ctx, param):
         return _manager().get_type(value).name
-    except StateManagerError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 def _parse_filters(
@@ -219,19 +226,15 @@ def _parse_filters(
             filters[field] = codec.loads(raw)
         except ValueError:
             filters[field] = raw
-    try:
+    with _usage_error(ctx, param):
         parse_conditions(filters)
-    except StateManagerError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return filters
 
 
 def _check_order(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Option callback: *value* must be an order :func:`~.query.parse_order` accepts."""
-    try:
+    with _usage_error(ctx, param):
         parse_order(value)
-    except StateManagerError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return value
 
 

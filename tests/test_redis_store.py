@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -448,20 +448,29 @@ def test_an_expired_lock_falls_back_on_compare_and_set(
     _swap_store(app, record_cache_size=0)  # every write takes the locks first
     sm.register_state("u1", "user", user(n=1))
     attempts: list[int] = []
+    slow = _outlives_its_lock(client, attempts, lambda: _update_in_app(app, sm))
+    state = sm.atomic_update("u1", slow)
+    assert attempts == [1, 100]
+    assert state["data"] == {"n": 110} and state["version"] == 3
+    assert [c["version"] for c in sm.get_state_history("u1")] == [1, 2, 3]
+
+
+def _outlives_its_lock(
+    client: redis.Redis, attempts: list[int], meanwhile: Callable[[], None]
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """An atomic_update function whose first run loses u1's lock (as if it expired)
+    while *meanwhile* runs in another thread; it notes each ``n`` it is given."""
 
     def slow(data: dict[str, Any]) -> dict[str, Any]:
         attempts.append(data["n"])
         if len(attempts) == 1:
             client.delete("statemanager:lock:{u1}")  # as if it had expired
-            other = threading.Thread(target=_update_in_app, args=(app, sm))
+            other = threading.Thread(target=meanwhile)
             other.start()
             other.join()
         return {"n": data["n"] + 10}
 
-    state = sm.atomic_update("u1", slow)
-    assert attempts == [1, 100]
-    assert state["data"] == {"n": 110} and state["version"] == 3
-    assert [c["version"] for c in sm.get_state_history("u1")] == [1, 2, 3]
+    return slow
 
 
 def _update_in_app(app: Flask, sm: StateManager) -> None:
@@ -486,16 +495,7 @@ def test_a_writer_that_outlived_its_lock_does_not_write_over_a_new_life(
             store.restore(snapshot, snapshot_history, replace=True)  # back to version 1
             sm.update_state("u1", user(n=100))  # version 2 again
 
-    def slow(data: dict[str, Any]) -> dict[str, Any]:
-        attempts.append(data["n"])
-        if len(attempts) == 1:
-            client.delete("statemanager:lock:{u1}")  # as if it had expired
-            other = threading.Thread(target=new_life)
-            other.start()
-            other.join()
-        return {"n": data["n"] + 10}
-
-    state = sm.atomic_update("u1", slow)
+    state = sm.atomic_update("u1", _outlives_its_lock(client, attempts, new_life))
     assert attempts == [2, 100]
     assert state["data"] == {"n": 110} and state["version"] == 3
     assert [c["new_data"] for c in sm.get_state_history("u1")] == [
