@@ -170,16 +170,7 @@ def test_a_hit_is_one_mget_and_nothing_else(
     sm.register_state("u1", "user", user(n=1))
     assert sm.get_state("u1")["version"] == 1  # the miss fills
     assert sm.get_state("u1")["version"] == 1  # connections are open and checked
-    # Counted where commands leave for the socket: scripts, checks and retries too.
-    sent: list[Any] = []
-    connection_class = store.client.connection_pool.connection_class
-    send = connection_class.send_command
-
-    def counting(self: Any, *args: Any, **options: Any) -> Any:
-        sent.append(args[0])
-        return send(self, *args, **options)
-
-    monkeypatch.setattr(connection_class, "send_command", counting)
+    sent = _sent_commands(store, monkeypatch)  # scripts, checks and retries too
     hits = store.cache_stats()["hits"]
     assert sm.get_state("u1")["data"] == {"n": 1}
     assert sent == ["MGET"]
@@ -522,13 +513,16 @@ def _sent_commands(store: CachedStore, monkeypatch: pytest.MonkeyPatch) -> list[
     """Every command this store's connections send from now on (scripts, checks, retries)."""
     sent: list[Any] = []
     connection_class = store.client.connection_pool.connection_class
-    send = connection_class.send_command
+    send = connection_class.send_packed_command
 
-    def counting(self: Any, *args: Any, **options: Any) -> Any:
-        sent.append(args[0] if args[0] != "CLIENT" else f"CLIENT {args[1]}")
-        return send(self, *args, **options)
+    def counting(self: Any, command: Any, *args: Any, **options: Any) -> Any:
+        # RESP: *<n> $<len> NAME $<len> FIRST-ARGUMENT ...
+        words = b"".join(bytes(c) for c in command).split(b"\r\n")
+        name = words[2].decode()
+        sent.append(name if name != "CLIENT" else f"CLIENT {words[4].decode()}")
+        return send(self, command, *args, **options)
 
-    monkeypatch.setattr(connection_class, "send_command", counting)
+    monkeypatch.setattr(connection_class, "send_packed_command", counting)
     return sent
 
 

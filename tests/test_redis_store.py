@@ -34,6 +34,7 @@ from flask_statemanager.query import COLUMNS, matches, parse_conditions
 from flask_statemanager.records import Change, State
 from flask_statemanager.stores.base import Retention, Write
 from flask_statemanager.stores.redis import RedisStore
+from flask_statemanager.stores.redis_calls import pack
 
 from . import workers
 from .conftest import make_app
@@ -801,6 +802,27 @@ def test_scripts_run_again_after_the_server_forgot_them(
     client.script_flush()
     assert sm.search_states("user", {"data.n": 1}).total == 1
     assert _history_versions(sm, "u1") == [1, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.binary(max_size=7000), st.text(), st.integers(), st.floats(allow_nan=False)),
+        max_size=12,
+    ),
+    st.sampled_from(["utf-8", "utf-16"]),
+)
+def test_commands_are_packed_as_redis_py_packs_them(items: list[Any], encoding: str) -> None:
+    """The scripts' own packer sends the bytes redis-py's would, in the client's encoding."""
+    connection = redis.Connection(encoding=encoding)
+    command = (b"EVALSHA", "0" * 40, len(items), *items)
+    expected = b"".join(bytes(part) for part in connection.pack_command(*command))
+    assert pack(connection.encoder, command) == [expected]
+
+
+def test_the_packer_refuses_what_redis_py_refuses() -> None:
+    with pytest.raises(redis.DataError):
+        pack(redis.Connection().encoder, (b"EVALSHA", "0" * 40, 1, "k", True))
 
 
 def test_a_kept_connection_the_server_closed_is_replaced_before_use(app: Flask) -> None:
