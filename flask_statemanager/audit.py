@@ -22,6 +22,7 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -33,6 +34,9 @@ _NEGATIVE_ZERO = re.compile(rb"(?<=[:\[,])-0\.0(?=[,\]}])")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 #: Sorted keys; the timestamp goes through records.isoformat, as in to_json().
 _CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+#: The same bytes for an entry whose timestamp is in UTC, without a call back
+#: into Python: orjson writes it as ``isoformat()`` does, ``Z`` for ``+00:00``.
+_CANONICAL_UTC = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z
 
 
 def canonical(change: Mapping[str, Any]) -> bytes:
@@ -43,7 +47,11 @@ def canonical(change: Mapping[str, Any]) -> bytes:
     """
     doc = dict(change)
     doc.pop("hash", None)
-    encoded = orjson.dumps(doc, default=isoformat, option=_CANONICAL)
+    created = doc.get("created_at")
+    if type(created) is datetime and created.tzinfo is UTC:  # what the engine writes
+        encoded = orjson.dumps(doc, option=_CANONICAL_UTC)
+    else:
+        encoded = orjson.dumps(doc, default=isoformat, option=_CANONICAL)
     return _NEGATIVE_ZERO.sub(b"0.0", encoded) if b"-0.0" in encoded else encoded
 
 

@@ -81,47 +81,51 @@ def _canonical_numbers(value: Any, path: str) -> Any:
 
 
 class _TooDeep(Exception):
-    pass
+    """Nesting past the limit, at :attr:`where` (filled in on the way out)."""
+
+    where = ""
 
 
-def _problem(value: Any, path: str, depth: int, max_depth: int) -> str | None:
+def _problem(value: Any, depth: int, max_depth: int) -> str | None:
     """Describe the first non-JSON value under *value*, or return ``None``.
+
+    The description starts with the path below *value* (``.key[0]: …``): it
+    is put together on the way out, so a valid document builds no paths.
 
     :raises _TooDeep: nesting exceeds *max_depth*.
     """
     kind = type(value)
     if kind is str:
-        return f"{path}: {_NUL_PROBLEM}" if "\x00" in value else None
+        return f": {_NUL_PROBLEM}" if "\x00" in value else None
     if value is None or kind is bool:
         return None
     if kind is int:
         if _INT_MIN <= value <= _INT_MAX:
             return None
-        return f"{path}: integer {value} does not fit in 64 bits; store it as a string"
+        return f": integer {value} does not fit in 64 bits; store it as a string"
     if kind is float:
         if math.isfinite(value):
             return None
-        return f"{path}: {value} is not a JSON number; use null or a string"
+        return f": {value} is not a JSON number; use null or a string"
     if kind is dict or kind is list:
         if depth >= max_depth:
-            raise _TooDeep(path)
+            raise _TooDeep
         items = value.items() if kind is dict else enumerate(value)
         key: Any
         for key, item in items:
             if kind is dict and type(key) is not str:
-                return f"{path}: key {key!r} is not a string; JSON object keys are strings"
+                return f": key {key!r} is not a string; JSON object keys are strings"
             if kind is dict and "\x00" in key:
-                return f"{path}: key {key!r}: {_NUL_PROBLEM}"
-            found = _problem(
-                item, f"{path}.{key}" if kind is dict else f"{path}[{key}]", depth + 1, max_depth
-            )
+                return f": key {key!r}: {_NUL_PROBLEM}"
+            try:
+                found = _problem(item, depth + 1, max_depth)
+            except _TooDeep as exc:
+                exc.where = (f".{key}" if kind is dict else f"[{key}]") + exc.where
+                raise
             if found:
-                return found
+                return (f".{key}" if kind is dict else f"[{key}]") + found
         return None
-    return (
-        f"{path}: {kind.__name__} is not a JSON value; use str, int, float, bool, None, "
-        "list or dict"
-    )
+    return f": {kind.__name__} is not a JSON value; use str, int, float, bool, None, list or dict"
 
 
 def check_text(value: Any, field: str, *, max_length: int = 255) -> str:
@@ -157,16 +161,17 @@ def check_document(value: Any, field: str, *, max_depth: int) -> tuple[Any, int]
             {field: ["Must be a JSON object."]},
         )
     try:
-        problem = _problem(value, field, 0, max_depth)
+        problem = _problem(value, 0, max_depth)
     except _TooDeep as exc:
         raise StateLimitError(
-            f"{exc}: nested deeper than {max_depth} levels; flatten the document or "
+            f"{field}{exc.where}: nested deeper than {max_depth} levels; flatten the document or "
             "raise STATEMANAGER_MAX_DEPTH.",
             limit="depth",
             value=max_depth + 1,
             maximum=max_depth,
         ) from None
     if problem is not None:
+        problem = field + problem
         raise StateValidationError(f"Not JSON-serialisable: {problem}.", {field: [problem]})
     try:
         encoded = orjson.dumps(value)

@@ -42,7 +42,7 @@ from .errors import (
     StateNotFoundError,
     StateValidationError,
 )
-from .events import Callbacks, Committed, dispatch
+from .events import Callbacks, Committed, dispatch, listeners
 from .migrations import DEFAULT_VERSION, Migrations
 from .records import Change, State, new_change_id, utcnow
 from .stores.base import LostRace, VersionMismatch, Write
@@ -673,14 +673,15 @@ def after_commit(
             change["metadata"].get("from_status"),
             change["metadata"].get("to_status"),
         )
+        sent, matched = listeners(registry.callbacks, state["type"], change["transition"])
+        if not sent and not matched:
+            continue
         # Listeners get the records as get_state returns them: an expiry
         # records the stored shape, which a migration upgrades on read.
         old, state = _as_read(registry, old), _as_read(registry, state)
-        dispatch(
-            runtime,
-            registry.callbacks,
-            Committed(state["state_id"], state["type"], change["transition"], old, state, change),
-        )
+        transition = change["transition"]
+        event = Committed(state["state_id"], state["type"], transition, old, state, change)
+        dispatch(runtime, event, sent, matched)
 
 
 @overload

@@ -74,20 +74,31 @@ class Callbacks:
             self._cache.clear()
 
 
-def dispatch(runtime: Runtime, callbacks: Callbacks, event: Committed) -> None:
-    """Send the signals and run the callbacks of one committed change.
+def listeners(
+    callbacks: Callbacks, state_type: str, transition: str
+) -> tuple[list[Any], tuple[Callback, ...]]:
+    """The signals with receivers and the callbacks that a change of *state_type*
+    by *transition* goes to (both empty: nothing to build an event for)."""
+    sent = [
+        s
+        for s in (signals.state_changed, signals.BY_TRANSITION.get(transition))
+        if s is not None and s.receivers
+    ]
+    return sent, callbacks.matching(f"{state_type}_{event_name(transition)}")
+
+
+def dispatch(
+    runtime: Runtime,
+    event: Committed,
+    sent: list[Any],
+    matched: tuple[Callback, ...],
+) -> None:
+    """Send the signals (*sent*) and run the callbacks (*matched*) of one committed
+    change, as :func:`listeners` found them.
 
     Listeners get copies of the records: one that changes ``new_state["data"]``
     never changes the record the write returned to its caller.
     """
-    sent = [
-        s
-        for s in (signals.state_changed, signals.BY_TRANSITION.get(event.transition))
-        if s is not None and s.receivers
-    ]
-    matched = callbacks.matching(f"{event.state_type}_{event_name(event.transition)}")
-    if not sent and not matched:
-        return
     event = _private(event)
     kwargs = {
         "state_id": event.state_id,

@@ -9,8 +9,10 @@ name the first broken entry.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -19,7 +21,8 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_statemanager import StateManager
-from flask_statemanager.audit import BrokenLink
+from flask_statemanager.audit import BrokenLink, canonical, chain_hash
+from flask_statemanager.records import Change
 from flask_statemanager.stores.base import Store
 from flask_statemanager.stores.cache import CachedStore
 from flask_statemanager.stores.memory import MemoryStore
@@ -195,3 +198,28 @@ def test_changes_carry_their_hash_through_every_read(sm: StateManager) -> None:
     recent = sm.get_recent_changes("a", limit=5)
     assert [c["hash"] for c in recent] == [c["hash"] for c in reversed(history)]
     assert sm.get_changes_by_transition("a", "update") == history[1:]
+
+
+@pytest.mark.parametrize("microsecond", [0, 1, 123456])
+def test_a_hash_covers_the_instant_not_the_zone_it_is_given_in(microsecond: int) -> None:
+    """Entries the engine writes (UTC) and entries imported with another zone
+    hash alike: timestamps are written as ISO-8601 UTC with a ``Z``."""
+    at = datetime(2026, 3, 29, 1, 30, 5, microsecond, tzinfo=UTC)
+    utc = Change(
+        change_id="c" * 32,
+        state_id="a",
+        version=1,
+        transition="create",
+        old_data=None,
+        new_data={"n": -0.0},
+        actor=None,
+        metadata={"from_status": None, "to_status": "pending"},
+        created_at=at,
+        hash=None,
+    )
+    zoned = Change(utc, created_at=at.astimezone(ZoneInfo("Europe/Berlin")))
+    stamp = at.isoformat()[:-6] + "Z"
+    assert f'"created_at":"{stamp}"'.encode() in canonical(utc)
+    assert canonical(utc) == canonical(zoned)
+    assert b'"new_data":{"n":0.0}' in canonical(utc)
+    assert chain_hash("f" * 64, utc) == chain_hash("f" * 64, zoned)

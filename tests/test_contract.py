@@ -35,6 +35,7 @@ from flask_statemanager import (
     signals,
 )
 from flask_statemanager.audit import chain_hash
+from flask_statemanager.codec import check_document
 
 from .conftest import make_app
 
@@ -1301,6 +1302,22 @@ class StoreContract:
         assert metrics["transitions"]["user:create"] == 2
         assert metrics["transitions"]["user:delete"] == 1
         assert metrics["latency"]["register_state"]["count"] == 3
+
+
+@pytest.mark.parametrize(
+    ("document", "where"),
+    [
+        ({"a": [1, {"b": float("nan")}]}, "data.a[1].b: nan is not a JSON number"),
+        ({"a": {"b": "x\x00"}}, "data.a.b: contains a NUL character"),
+        ({"a": [[1, 2, 2**64]]}, "data.a[0][2]: integer"),
+        ({"a": {3: 1}}, "data.a: key 3 is not a string"),
+        ({"a": [{"x": 1}, {"x": {"y": {}}}]}, "data.a[1].x: nested deeper than 3 levels"),
+    ],
+)
+def test_a_refused_document_names_the_path_to_what_is_wrong(document: Any, where: str) -> None:
+    with pytest.raises((StateValidationError, StateLimitError)) as info:
+        check_document(document, "data", max_depth=3)
+    assert where in str(info.value)
 
 
 class TestMemoryStore(StoreContract):
