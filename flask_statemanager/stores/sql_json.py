@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..query import Condition
+from .sql_tables import TEXT_COLLATION
 
 
 class JSONDialect(ABC):
@@ -38,6 +39,12 @@ class PostgresJSON(JSONDialect):
     walks objects: a path with such an element also needs its parent to be an
     object. The guard sits beside the indexed expression, so a declared index
     still serves the comparison.
+
+    jsonb orders strings by the database's collation and cannot be given
+    another, so a string range compares the text ``#>>`` reads, ``COLLATE
+    "C"`` (code points, as every other store). The declared index on the jsonb
+    value serves equality, ``__in`` and number ranges; a string range reads the
+    type's rows through the index's ``type`` prefix.
     """
 
     def _literal(self, path: tuple[str, ...]) -> str:
@@ -49,7 +56,10 @@ class PostgresJSON(JSONDialect):
         return sa.literal_column(f"({column} #> {self._literal(path)})", type_=JSONB)
 
     def _text(self, column: str, path: tuple[str, ...]) -> ColumnElement[Any]:
-        return sa.literal_column(f"({column} #>> {self._literal(path)})", type_=sa.Text)
+        """The value at *path* as text, compared by code point."""
+        return sa.literal_column(
+            f'(({column} #>> {self._literal(path)}) COLLATE "{TEXT_COLLATION}")', type_=sa.Text
+        )
 
     def _objects(self, column: str, path: tuple[str, ...]) -> ColumnElement[bool] | None:
         """True when every parent of an all-digit element is an object (None: no such element)."""
@@ -99,10 +109,14 @@ class PostgresJSON(JSONDialect):
                 in_array,
                 sa.and_(self._typeof(expr) == "string", sa.func.strpos(text, value) > 0),
             )
-        kind = "string" if isinstance(value, str) else "number"
+        if isinstance(value, str):
+            return sa.and_(
+                compare(self._text(column_name(c.root), c.path), op, value),
+                self._typeof(expr) == "string",
+            )
         return sa.and_(
             compare(expr, op, sa.bindparam(None, value, type_=JSONB)),
-            self._typeof(expr) == kind,
+            self._typeof(expr) == "number",
         )
 
 

@@ -20,6 +20,21 @@ from .. import codec
 #: kept identical on every write path so string comparisons order correctly.
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
+#: The collation of every text column on PostgreSQL, and of the JSON text that
+#: string comparisons read (:mod:`.sql_json`): ``"C"`` compares by code point, as
+#: Python, SQLite (``BINARY`` on UTF-8) and Redis do. The database's default
+#: collation may be a language's (``en_US.UTF-8``: ``'a' < 'B' < 'b'``).
+TEXT_COLLATION = "C"
+
+
+def _text(length: int) -> sa.types.TypeEngine[str]:
+    """A ``VARCHAR(length)``; ``COLLATE "C"`` on PostgreSQL (SQLite has no such collation).
+
+    On the column, so its indexes (the primary key, ``(type, status)``, the
+    declared ones) are ordered as the queries compare, and no query repeats it.
+    """
+    return sa.String(length).with_variant(sa.String(length, collation=TEXT_COLLATION), "postgresql")
+
 
 class JSONDocument(sa.types.TypeDecorator[Any]):
     """JSONB on PostgreSQL; JSON text on SQLite, encoded with orjson."""
@@ -67,10 +82,10 @@ def make_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
     states = sa.Table(
         f"{prefix}states",
         metadata,
-        sa.Column("state_id", sa.String(255), primary_key=True),
-        sa.Column("type", sa.String(64), nullable=False),
-        sa.Column("name", sa.String(255), nullable=False),
-        sa.Column("status", sa.String(64), nullable=False),
+        sa.Column("state_id", _text(255), primary_key=True),
+        sa.Column("type", _text(64), nullable=False),
+        sa.Column("name", _text(255), nullable=False),
+        sa.Column("status", _text(64), nullable=False),
         sa.Column("data", JSONDocument(), nullable=False),
         sa.Column("metadata", JSONDocument(), nullable=False, key="meta"),
         sa.Column("version", sa.Integer(), nullable=False),
@@ -90,17 +105,17 @@ def make_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
             primary_key=True,
             autoincrement=True,
         ),
-        sa.Column("change_id", sa.String(36), nullable=False),
-        sa.Column("state_id", sa.String(255), nullable=False),
+        sa.Column("change_id", _text(36), nullable=False),
+        sa.Column("state_id", _text(255), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("transition", sa.String(64), nullable=False),
+        sa.Column("transition", _text(64), nullable=False),
         sa.Column("old_data", JSONDocument(), nullable=True),
         sa.Column("new_data", JSONDocument(), nullable=True),
-        sa.Column("actor", sa.String(255), nullable=True),
+        sa.Column("actor", _text(255), nullable=True),
         sa.Column("metadata", JSONDocument(), nullable=False, key="meta"),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         # SHA-256 hex chained to the state's previous entry (see audit.py).
-        sa.Column("hash", sa.String(64), nullable=True),
+        sa.Column("hash", _text(64), nullable=True),
         sa.UniqueConstraint("state_id", "version", name=f"uq_{prefix}history_state_version"),
     )
     return metadata, states, history
