@@ -337,3 +337,39 @@ def test_revision_0003_brings_a_0002_database_to_code_point_order(
         StateManager().transition("b", "suspend")
         history = StateManager().get_state_history("b")
     assert [c["version"] for c in history] == [1, 2, 3]
+
+
+def test_revision_0003_names_the_views_that_stop_it(
+    tmp_path: Path, language_collated_url: str
+) -> None:
+    """PostgreSQL cannot collate a column a view uses: upgrade-db says which views
+    to drop and changes nothing; without them it goes on."""
+    prefix = "coll_view_"
+    engine = sa.create_engine(language_collated_url)
+    with engine.connect() as conn:
+        command.upgrade(config(prefix, connection=conn), "0002")
+        conn.exec_driver_sql(
+            f"CREATE VIEW {prefix}active AS SELECT state_id, name FROM {prefix}states"
+        )
+        conn.exec_driver_sql(f"CREATE VIEW {prefix}log AS SELECT actor FROM {prefix}history")
+        conn.commit()
+    _register_type()
+    app = _app(
+        tmp_path,
+        "postgres",
+        STATEMANAGER_DATABASE_URI=language_collated_url,
+        STATEMANAGER_TABLE_PREFIX=prefix,
+    )
+    result = app.test_cli_runner().invoke(args=["states", "upgrade-db"])
+    assert result.exit_code != 0
+    assert f"{prefix}active, {prefix}log" in result.output
+    assert "Drop them" in result.output
+    assert set(_collations(language_collated_url, prefix)["columns"].values()) == {"default"}
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"DROP VIEW {prefix}active")
+        conn.exec_driver_sql(f"DROP VIEW {prefix}log")
+        conn.commit()
+    engine.dispose()
+    result = app.test_cli_runner().invoke(args=["states", "upgrade-db"])
+    assert result.exit_code == 0, result.output
+    assert _collations(language_collated_url, prefix)["columns"] == _all_c(prefix)

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 import redis
+import redis.cache
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -820,6 +821,29 @@ def test_commands_are_packed_as_redis_py_packs_them(items: list[Any], encoding: 
     assert pack(connection.encoder, command) == [expected]
 
 
+def test_an_applications_own_command_packer_packs_the_scripts_too(app: Flask) -> None:
+    """A client built with ``command_packer=`` (hiredis' or the application's)
+    encodes every command, the store's scripts included."""
+    seen: list[Any] = []
+
+    class Recording(redis.connection.PythonRespSerializer):
+        def pack(self, *args: Any) -> Any:
+            seen.append(args[0])
+            return super().pack(*args)
+
+    url = app.config["STATEMANAGER_REDIS_URL"]
+    plain = redis.Connection()
+    packer = Recording(plain._buffer_cutoff, plain.encoder.encode)
+    shared = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, command_packer=packer))
+    with app.app_context():
+        sm = _shared_store(app, shared)
+        sm.register_state("u1", "user", user(n=0))
+        sm.update_state("u1", user(n=1))
+        assert sm.get_state("u1")["version"] == 2
+    assert seen.count(b"EVALSHA") >= 2  # at least the two commits
+    shared.close()
+
+
 def test_the_packer_refuses_what_redis_py_refuses() -> None:
     with pytest.raises(redis.DataError):
         pack(redis.Connection().encoder, (b"EVALSHA", "0" * 40, 1, "k", True))
@@ -1032,15 +1056,26 @@ def test_a_store_closed_during_a_call_keeps_no_connection(app: Flask, client: re
     shared.close()
 
 
-def test_scripts_run_on_a_resp3_client(app: Flask) -> None:
+@pytest.mark.parametrize("client_side_cache", [False, True])
+def test_scripts_run_on_a_resp3_client(
+    app: Flask, monkeypatch: pytest.MonkeyPatch, client_side_cache: bool
+) -> None:
     """RESP3, where connections go back to the pool after each call (push messages
-    are the pool's to handle): writes, searches and history agree."""
-    shared = redis.Redis.from_url(app.config["STATEMANAGER_REDIS_URL"], protocol=3)
+    are the pool's to handle), also with redis-py's client-side cache: writes,
+    reads, searches and history agree."""
+    options: dict[str, Any] = {"protocol": 3}
+    if client_side_cache:
+        # redis-py asks for Redis 7.4; the tracking it relies on is older (6.0).
+        monkeypatch.setattr(redis.connection.CacheProxyConnection, "MIN_ALLOWED_VERSION", "7.0.0")
+        options["cache_config"] = redis.cache.CacheConfig()
+    shared = redis.Redis.from_url(app.config["STATEMANAGER_REDIS_URL"], **options)
     with app.app_context():
         sm = _shared_store(app, shared)
         sm.register_state("u1", "user", user(n=0, status="a"))
         for n in range(1, 6):
+            assert sm.get_state("u1")["data"]["n"] == n - 1
             sm.update_state("u1", user(n=n, status="a"))
+        assert sm.get_state("u1")["version"] == 6
         assert sm.search_states("user", {"data.status": "a"}).total == 1
         assert _history_versions(sm, "u1") == list(range(1, 7))
         assert list(sm.verify_history("u1")) == ["u1"]

@@ -56,6 +56,7 @@ from typing import Any
 import redis
 import redis.sentinel
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+from redis.utils import HIREDIS_AVAILABLE
 
 #: The most connections kept between calls (threads writing at once beyond this
 #: take theirs from the pool, as every redis-py command does).
@@ -75,6 +76,13 @@ class Scripts:
             for name, text in self.sources.items()
         }
         self._keep = _keepable(self._pool)
+        # Commands are packed by :func:`pack` where redis-py would use its own
+        # Python packer on connections that may be kept; the others are the
+        # pool's to look after (a client-side cache's connection handles
+        # invalidations in its own send_command), and another packer (hiredis',
+        # an application's) may encode text its own way.
+        python_packer = not HIREDIS_AVAILABLE and not _option(self._pool, "command_packer")
+        self._encoder = self._pool.get_encoder() if self._keep and python_packer else None
         self._idle: deque[Any] = deque()
         self._lock = threading.Lock()  # the stack's bound: its length, then append
         self._pid = os.getpid()
@@ -111,15 +119,21 @@ class Scripts:
             self._pool.release(connection)
 
     def _evalsha(self, connection: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        command = pack(connection.encoder, (b"EVALSHA", self._shas[name], len(keys), *keys, *args))
+        command = (b"EVALSHA", self._shas[name], len(keys), *keys, *args)
         try:
-            connection.send_packed_command(command)
+            self._send(connection, command)
             return connection.read_response()
         except NoScriptError:
             connection.send_command("SCRIPT", "LOAD", self.sources[name])
             connection.read_response()
-            connection.send_packed_command(command)
+            self._send(connection, command)
             return connection.read_response()
+
+    def _send(self, connection: Any, command: tuple[Any, ...]) -> None:
+        if self._encoder is None:
+            connection.send_command(*command)
+        else:
+            connection.send_packed_command(pack(self._encoder, command))
 
     def _take(self) -> Any:
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
@@ -176,12 +190,16 @@ def _keepable(pool: Any) -> int:
     """How many connections of *pool* may be kept between calls (0: none)."""
     if isinstance(pool, (redis.BlockingConnectionPool, redis.sentinel.SentinelConnectionPool)):
         return 0
-    options = getattr(pool, "connection_kwargs", {})
-    if str(options.get("protocol") or 2) != "2" or options.get("credential_provider"):
+    if str(_option(pool, "protocol") or 2) != "2" or _option(pool, "credential_provider"):
         return 0
-    if options.get("cache") is not None or getattr(pool, "cache", None) is not None:
+    if _option(pool, "cache") is not None or getattr(pool, "cache", None) is not None:
         return 0
     return min(KEEP, int(getattr(pool, "max_connections", 0)) // 4)
+
+
+def _option(pool: Any, name: str) -> Any:
+    """The connection option *name* of *pool* (``None`` when not given)."""
+    return getattr(pool, "connection_kwargs", {}).get(name)
 
 
 def _check(connection: Any) -> None:
