@@ -29,13 +29,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from flask_statemanager import BackendUnavailableError, StateManager
+from flask_statemanager import BackendUnavailableError, StateManager, codec
 from flask_statemanager.audit import seal
 from flask_statemanager.query import COLUMNS, matches, parse_conditions
 from flask_statemanager.records import Change, State
 from flask_statemanager.stores.base import Retention, Write
 from flask_statemanager.stores.redis import RedisStore
 from flask_statemanager.stores.redis_calls import pack
+from flask_statemanager.stores.redis_records import encode_document, utc_stamp
 
 from . import workers
 from .conftest import make_app
@@ -803,6 +804,29 @@ def test_scripts_run_again_after_the_server_forgot_them(
     client.script_flush()
     assert sm.search_states("user", {"data.n": 1}).total == 1
     assert _history_versions(sm, "u1") == [1, 2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, ZoneInfo("Europe/Berlin"), ZoneInfo("UTC")]),
+    ),
+    st.integers(min_value=0, max_value=2),
+)
+def test_documents_write_every_timestamp_in_one_fixed_width_utc_form(
+    when: datetime, zero_micros: int
+) -> None:
+    """Timestamps compare as strings in the scripts: always 6 fraction digits, always Z."""
+    if zero_micros == 0:
+        when = when.replace(microsecond=0)
+    state = State.from_columns("s", "s", "user", "active", {}, {}, 1, when, when, None)
+    document = orjson.loads(encode_document(state))
+    stamp = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").rjust(27, "0")
+    assert document["created_at"] == document["updated_at"] == stamp
+    assert document["expires_at"] is None
+    assert encode_document(state) == codec.dumps_record(state, utc_stamp)
 
 
 @settings(max_examples=200, deadline=None)

@@ -987,12 +987,12 @@ class RedisStore(Store):
                 checked.add(old["type"])  # type: ignore[index]
             if after:
                 checked.add(new["type"])
-            for key, member in before:
-                if (key, member) not in after:
-                    removals += ["zrem", keys.add(key), 0, member]
-            for (key, member), score in after.items():
-                if before.get((key, member)) != score or key in building:
-                    additions += ["zadd", keys.add(key), score, member]
+            for entry in before:
+                if entry not in after:
+                    removals += ["zrem", keys.add(entry[0]), 0, entry[1]]
+            for entry, score in after.items():
+                if before.get(entry) != score or entry[0] in building:
+                    additions += ["zadd", keys.add(entry[0]), score, entry[1]]
             if after and (not before or old["type"] != new["type"]):  # type: ignore[index]
                 additions += ["sadd", keys.add(self._types_key), 0, new["type"]]
         checks: list[Any] = []

@@ -171,7 +171,23 @@ def jsonable(value: Any) -> Any:
 
 
 def encode_document(record: Mapping[str, Any]) -> bytes:
-    return codec.dumps_record(record, utc_stamp)
+    """A state or change document, its timestamps written as :func:`utc_stamp` writes them.
+
+    orjson writes a UTC ``datetime`` the same way itself (``OPT_UTC_Z``) unless
+    its microseconds are 0, which it leaves out: only then, or for another
+    zone, does each timestamp go through :func:`utc_stamp`.
+    """
+    for key in _STAMPED:
+        value = record.get(key)
+        if value is not None and (
+            type(value) is not datetime or value.tzinfo is not UTC or not value.microsecond
+        ):
+            return codec.dumps_record(record, utc_stamp)
+    return codec.dumps_utc(record)
+
+
+#: The timestamps of states and changes (no other value of theirs is a datetime).
+_STAMPED = ("created_at", "updated_at", "expires_at")
 
 
 def decode_state(raw: bytes | str) -> State:
@@ -241,9 +257,13 @@ def encode_scalar(value: Any) -> bytes | None:
     return None
 
 
+#: Declared fields split at their dots (a few per type, never evicted).
+_PATHS: dict[str, tuple[str, ...]] = {}
+
+
 def index_member(state: State, field: str) -> bytes | None:
     """The member of *state* in the index of *field*, or ``None`` if not a scalar there."""
-    root, *path = field.split(".")
+    root, *path = _PATHS.get(field) or _PATHS.setdefault(field, tuple(field.split(".")))
     value: Any = state[root]
     for name in path:
         if not isinstance(value, dict) or name not in value:
