@@ -150,14 +150,7 @@ def test_bulk_get_is_one_round_trip_when_everything_is_cached(
     for state_id in ids:
         sm.register_state(state_id, "user", user(id=state_id))
     assert len(sm.bulk_get(ids)) == 20  # misses: one read, one SQL query, one fill
-    commands: list[str] = []
-    execute = store.client.execute_command
-
-    def counting(*args: Any, **options: Any) -> Any:
-        commands.append(str(args[0]))
-        return execute(*args, **options)
-
-    monkeypatch.setattr(store.client, "execute_command", counting)
+    commands = _sent_commands(store, monkeypatch)
     states = sm.bulk_get(ids)
     assert [s["data"]["id"] for s in states.values()] == ids
     assert commands == ["MGET"]

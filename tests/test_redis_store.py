@@ -1084,9 +1084,9 @@ def test_a_store_closed_during_a_call_keeps_no_connection(app: Flask, client: re
 def test_scripts_run_on_a_resp3_client(
     app: Flask, monkeypatch: pytest.MonkeyPatch, client_side_cache: bool
 ) -> None:
-    """RESP3, where connections go back to the pool after each call (push messages
-    are the pool's to handle), also with redis-py's client-side cache: writes,
-    reads, searches and history agree."""
+    """RESP3 (redis-py 8's default), and with redis-py's client-side cache (whose
+    connections go back to the pool after each call): writes, reads, searches
+    and history agree."""
     options: dict[str, Any] = {"protocol": 3}
     if client_side_cache:
         # redis-py asks for Redis 7.4; the tracking it relies on is older (6.0).
@@ -1103,6 +1103,24 @@ def test_scripts_run_on_a_resp3_client(
         assert sm.search_states("user", {"data.status": "a"}).total == 1
         assert _history_versions(sm, "u1") == list(range(1, 7))
         assert list(sm.verify_history("u1")) == ["u1"]
+    shared.close()
+
+
+def test_a_push_message_between_calls_makes_the_next_call_reconnect(app: Flask) -> None:
+    """A RESP3 push (here a tracking invalidation) that reaches a kept connection
+    between calls is never taken for the next call's reply."""
+    shared = redis.Redis.from_url(app.config["STATEMANAGER_REDIS_URL"], protocol=3)
+    with app.app_context():
+        sm = _shared_store(app, shared)
+        sm.register_state("u1", "user", user(n=0))
+        scripts = app.extensions["statemanager"].store._scripts
+        assert scripts.execute("CLIENT", "TRACKING", "ON") == b"OK"
+        scripts.execute("GET", "tracked")  # the kept connection now tracks the key
+        shared.set("tracked", 1)  # the server pushes an invalidation to it
+        sm.update_state("u1", user(n=1))
+        assert scripts.execute("GET", "tracked") == b"1"
+        assert sm.get_state("u1")["data"]["n"] == 1
+        assert _history_versions(sm, "u1") == [1, 2]
     shared.close()
 
 

@@ -1,4 +1,4 @@
-"""How the Redis store and cache run their Lua scripts: ``EVALSHA`` on kept connections.
+"""How the Redis store and cache talk to Redis: ``EVALSHA`` on kept connections.
 
 ``client.evalsha()`` takes a connection from redis-py's pool and gives it back
 on every call, through layers of retry, instrumentation and deprecation
@@ -12,7 +12,8 @@ is packed by :func:`pack`, which copies each argument once where redis-py's
 packer copies the command again after every argument (the documents are most
 of its bytes). An update on the Redis store measured 20–75 µs faster (of
 250–350 µs) for the kept connections and another 10–20 µs for the packer on
-the 2-core benchmark machine; see ``benchmarks/README.md``.
+the 2-core benchmark machine; see ``benchmarks/README.md``. The cache's hit
+path, one ``MGET``, runs the same way (:meth:`Scripts.execute`).
 
 What redis-py's call does, this does too:
 
@@ -37,10 +38,15 @@ that finds the stack full gives its connection back to the pool, and so does
 every call on a pool whose connections the pool itself must look after
 between uses (see :func:`_keepable`): a :class:`redis.BlockingConnectionPool`
 (a hard cap the application shares), Sentinel (a connection to a demoted
-master is dropped when given back), RESP3 (push messages, client-side
-caching, maintenance notifications) and a ``credential_provider`` (tokens are
-renewed on connections given back). :meth:`Scripts.close` gives the kept ones
-back, and calls still running then give theirs to the pool.
+master is dropped when given back), client-side caching (invalidations are
+processed as connections are used) and a ``credential_provider`` (tokens are
+renewed on connections given back). RESP3, redis-py 8's default, is kept: a
+push message that arrives with a reply is handled by redis-py's parser as it
+reads the reply; one that arrives between calls makes the check before the
+next use reconnect, as the pool does with a connection holding data; and a
+connection a maintenance notification marks for reconnection goes back to
+the pool. :meth:`Scripts.close` gives the kept ones back, and calls still
+running then give theirs to the pool.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -66,7 +72,8 @@ _POLL = getattr(select, "poll", None)
 
 
 class Scripts:
-    """A store's Lua scripts by name (their sources in :attr:`sources`), run with :meth:`run`."""
+    """A store's Lua scripts by name (their sources in :attr:`sources`), run with
+    :meth:`run`; other commands run the same way with :meth:`execute`."""
 
     def __init__(self, client: redis.Redis, sources: Mapping[str, str]) -> None:
         self._pool = client.connection_pool
@@ -89,12 +96,19 @@ class Scripts:
 
     def run(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """``EVALSHA`` script *name*; raises redis-py's errors, as ``client.evalsha`` does."""
+        return self._on_connection(lambda connection: self._evalsha(connection, name, keys, args))
+
+    def execute(self, *command: Any) -> Any:
+        """Any other command (say ``MGET``) the same way: its reply as the connection
+        reads it (the client's response callbacks are not applied)."""
+        return self._on_connection(lambda connection: self._command(connection, command))
+
+    def _on_connection(self, call: Callable[[Any], Any]) -> Any:
         connection = self._take()
         clean = False  # True once a whole reply was read: the connection may be kept
         try:
             reply = connection.retry.call_with_retry(
-                lambda: self._evalsha(connection, name, keys, args),
-                lambda _error: connection.disconnect(),
+                lambda: call(connection), lambda _error: connection.disconnect()
             )
             clean = True
         except ResponseError:  # a Redis error is a whole reply too
@@ -128,6 +142,10 @@ class Scripts:
             connection.read_response()
             self._send(connection, command)
             return connection.read_response()
+
+    def _command(self, connection: Any, command: tuple[Any, ...]) -> Any:
+        self._send(connection, command)
+        return connection.read_response()
 
     def _send(self, connection: Any, command: tuple[Any, ...]) -> None:
         if self._encoder is None:
@@ -190,7 +208,7 @@ def _keepable(pool: Any) -> int:
     """How many connections of *pool* may be kept between calls (0: none)."""
     if isinstance(pool, (redis.BlockingConnectionPool, redis.sentinel.SentinelConnectionPool)):
         return 0
-    if str(_option(pool, "protocol") or 2) != "2" or _option(pool, "credential_provider"):
+    if _option(pool, "credential_provider"):
         return 0
     if _option(pool, "cache") is not None or getattr(pool, "cache", None) is not None:
         return 0
