@@ -836,11 +836,14 @@ def test_documents_write_every_timestamp_in_one_fixed_width_utc_form(
         max_size=12,
     ),
     st.sampled_from(["utf-8", "utf-16"]),
+    st.sampled_from([b"EVALSHA", "MGET", "CLIENT TRACKING", b"SCRIPT LOAD"]),
 )
-def test_commands_are_packed_as_redis_py_packs_them(items: list[Any], encoding: str) -> None:
+def test_commands_are_packed_as_redis_py_packs_them(
+    items: list[Any], encoding: str, name: str | bytes
+) -> None:
     """The scripts' own packer sends the bytes redis-py's would, in the client's encoding."""
     connection = redis.Connection(encoding=encoding)
-    command = (b"EVALSHA", "0" * 40, len(items), *items)
+    command = (name, "0" * 40, len(items), *items)
     expected = b"".join(bytes(part) for part in connection.pack_command(*command))
     assert pack(connection.encoder, command) == [expected]
 

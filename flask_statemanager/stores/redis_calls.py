@@ -184,10 +184,17 @@ def pack(encoder: Any, items: Sequence[Any]) -> list[bytes]:
 
     redis-py's own packer joins the command again after every argument, which
     copies the state and history documents over and over: this joins once.
-    ``str`` is encoded with the client's encoding, ``int`` written in decimal,
-    ``bytes`` taken as they are; any other argument goes to the encoder, which
-    rejects what redis-py rejects (``bool``, ``None``, …).
+    As there, the command name is UTF-8 and split at spaces (``"CLIENT
+    TRACKING"``); then ``str`` is encoded with the client's encoding, ``int``
+    written in decimal, ``bytes`` taken as they are, and any other argument
+    goes to the encoder, which rejects what redis-py rejects (``bool``,
+    ``None``, …).
     """
+    name = items[0].encode() if isinstance(items[0], str) else items[0]
+    if b" " in name:
+        items = (*name.split(), *items[1:])
+    else:
+        items = (name, *items[1:])
     encoding, errors = encoder.encoding, encoder.encoding_errors
     parts = [b"*%d\r\n" % len(items)]
     for item in items:
