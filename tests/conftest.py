@@ -9,9 +9,9 @@ fails the run.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -20,6 +20,7 @@ from flask import Flask, has_app_context
 from flask_statemanager import StateManager
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+T = TypeVar("T")
 
 
 def _unreachable(what: str, reason: str) -> None:
@@ -92,3 +93,28 @@ def make_app(tmp_path: Path, **config: Any) -> Flask:
     app = Flask(f"test_{tmp_path.name}", instance_path=str(tmp_path / "instance"))
     app.config.update(TESTING=True, **config)
     return app
+
+
+def explain_page_query(
+    engine: sa.Engine, search: Callable[[], T], *, turned_off: Sequence[str] = ("seqscan",)
+) -> tuple[T, str]:
+    """Run *search* and return its result and PostgreSQL's plan for its page query
+    (the statement with ``ORDER BY``), with the ``enable_<name>`` plan types of
+    *turned_off* priced out, so an index that can serve the query is the cheaper plan."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if "ORDER BY" in statement:
+            statements.append((statement, params))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        result = search()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    (statement, params), *_ = statements
+    with engine.connect() as conn:
+        for name in turned_off:
+            conn.exec_driver_sql(f"SET enable_{name} = off")
+        rows = conn.exec_driver_sql("EXPLAIN " + statement, params)
+        return result, " ".join(str(row[0]) for row in rows)

@@ -24,7 +24,7 @@ from flask_statemanager import StateManager
 from flask_statemanager.alembic import config, head_revision
 from flask_statemanager.stores.sql_tables import index_name
 
-from .conftest import IN_CI, make_app
+from .conftest import IN_CI, explain_page_query, make_app
 
 #: state_id, and the text in its name and data (ids allow only [A-Za-z0-9_.:@-]).
 ROWS = [
@@ -177,22 +177,10 @@ def _explain(app: Flask, filters: dict[str, Any] | None, order_by: str) -> str:
     """The plan PostgreSQL makes for the search's page query, sequential scans and sorts
     priced out (so an index that can serve the query is the cheaper plan)."""
     engine = app.extensions["statemanager"].store.engine
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        if "ORDER BY" in statement:
-            statements.append((statement, params))
-
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        _found(app, filters, order_by)
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
-    (statement, params), *_ = statements
-    with engine.connect() as conn:
-        conn.exec_driver_sql("SET enable_seqscan = off")
-        conn.exec_driver_sql("SET enable_sort = off")
-        return " ".join(str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
+    _, plan = explain_page_query(
+        engine, lambda: _found(app, filters, order_by), turned_off=("seqscan", "sort")
+    )
+    return plan
 
 
 def _collations(url: str, prefix: str) -> dict[str, Any]:

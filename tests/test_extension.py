@@ -14,7 +14,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_statemanager import ConfigurationError, StateManager, StateType
 from flask_statemanager.stores.sql_tables import index_name
 
-from .conftest import make_app
+from .conftest import explain_page_query, make_app
 
 
 def test_singleton() -> None:
@@ -265,20 +265,8 @@ def test_declared_index_is_used_by_postgresql_search(
         manager.create_all()
         manager.register_state("hit", "user", {"data": data})
         manager.register_state("miss", "user", {"data": {"tags": ["s1"], "status": "s2"}})
-        statements: list[tuple[str, Any]] = []
-
-        def capture(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-            if "ORDER BY" in statement:
-                statements.append((statement, params))
-
-        sa.event.listen(engine, "before_cursor_execute", capture)
-        try:
-            page = manager.search_states("user", {field: "s1"}, order_by="state_id")
-        finally:
-            sa.event.remove(engine, "before_cursor_execute", capture)
+        page, plan = explain_page_query(
+            engine, lambda: manager.search_states("user", {field: "s1"}, order_by="state_id")
+        )
         assert [s["state_id"] for s in page] == ["hit"]
-        (statement, params), *_ = statements
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SET enable_seqscan = off")
-            plan = " ".join(str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
     assert index_name(prefix, field) in plan
